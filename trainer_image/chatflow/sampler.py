@@ -1,10 +1,11 @@
 """The dynamic data sampler: which source every global sample index comes from.
 
 The source of global sample n is a pure function of (seed, n, schedule): a low-discrepancy
-(golden-ratio Weyl) sequence u_n in [0, 1) falls into one of the buckets that the target weights at
-sample n lay out on [0, 1). Unlike Megatron's sequential "largest deficit" rule this needs no history,
-so any rank or worker computes any slice of the sequence directly, vectorised, and realised fractions
-still track the target closely (a Weyl sequence's discrepancy over N samples grows like log N).
+(golden-ratio Weyl) sequence u_n in [0, 1) falls into one of the buckets that the target weights
+at sample n lay out on [0, 1). Unlike Megatron's sequential "largest deficit" rule this needs no
+history, so any rank or worker computes any slice of the sequence directly, vectorised, and the
+realised fractions still track the target closely (a Weyl sequence's discrepancy over N samples
+grows like log N).
 
 A source's k-th sample is its k-th packed block (see `chatflow.data`), so the only state a run
 carries is where it is: the next global index and how many samples each source has given so far
@@ -41,7 +42,10 @@ class Position:
         return cls(0, (0,) * num_sources)
 
     def to_dict(self, sources: tuple[str, ...]) -> dict:
-        return {"next_sample": self.next_sample, "cursors": dict(zip(sources, self.cursors))}
+        return {
+            "next_sample": self.next_sample,
+            "cursors": dict(zip(sources, self.cursors, strict=True)),
+        }
 
     @classmethod
     def from_dict(cls, state: dict, sources: tuple[str, ...]) -> Position:
@@ -94,6 +98,13 @@ class MixtureSampler:
         )
         indices = np.arange(position.next_sample, position.next_sample + count, dtype=np.int64)
         return Plan(indices, sources, ordinals), after
+
+    def advance(self, position: Position, count: int) -> Position:
+        """The position `count` samples later (planned in chunks, so any count fits in memory)."""
+        end = position.next_sample + count
+        while position.next_sample < end:
+            _, position = self.plan(position, min(CHUNK * 16, end - position.next_sample))
+        return position
 
     def stream(
         self, position: Position, consumer: int = 0, consumers: int = 1

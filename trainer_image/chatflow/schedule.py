@@ -75,7 +75,9 @@ class Schedule:
         """Target weights at each progress value: shape (..., K), each row sums to 1."""
         x = np.asarray(progress, dtype=np.float64)
         if self.curve == "stages":
-            return self.weights[np.searchsorted(self.knots, x, side="right").clip(max=len(self.knots) - 1)]
+            return self.weights[
+                np.searchsorted(self.knots, x, side="right").clip(max=len(self.knots) - 1)
+            ]
         if self.curve == "cosine":
             t = np.clip(x / self.knots[-1], 0.0, 1.0)
             x = self.knots[-1] * (1.0 - np.cos(np.pi * t)) / 2.0

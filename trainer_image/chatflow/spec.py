@@ -67,9 +67,7 @@ class ExtendVocab(_Spec):
 
 class ModelSpec(_Spec):
     base: str = Field(min_length=1, description="Hugging Face model id or local directory")
-    tokenizer: str | None = Field(
-        None, description="tokenizer id or directory; defaults to `base`"
-    )
+    tokenizer: str | None = Field(None, description="tokenizer id or directory; defaults to `base`")
     extend_vocab: ExtendVocab | None = None
 
 

@@ -1,0 +1,228 @@
+"""`chatflow`: the command line.
+
+    chatflow example tiny            build the bundled tiny example's assets (offline)
+    chatflow schedule -f RUN.yaml    the planned mixture over the run, with warnings
+    chatflow sample -f RUN.yaml      which source each global sample index comes from
+
+Errors in the input are one line each, naming the field, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from chatflow.sampler import MixtureSampler, Position
+from chatflow.schedule import Schedule
+from chatflow.spec import ChatFlowRun, SpecError, load_run
+
+DEFAULT_CACHE = Path(os.environ.get("CHATFLOW_CACHE_DIR", "~/.cache/chatflow")).expanduser()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except SpecError as e:
+        for line in str(e).splitlines():
+            print(f"chatflow: error: {line}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `chatflow sample ... | head`
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatflow", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str, run_file: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=handler)
+        if run_file:
+            sub.add_argument("-f", "--file", required=True, type=Path, help="ChatFlowRun manifest")
+            sub.add_argument(
+                "--cache-dir",
+                type=Path,
+                default=DEFAULT_CACHE,
+                help="where tokenized, packed sources are cached ($CHATFLOW_CACHE_DIR)",
+            )
+        return sub
+
+    example = command("example", _example, "build a bundled example's assets", run_file=False)
+    example.add_argument("name", choices=["tiny"])
+    example.add_argument(
+        "--dest", type=Path, default=Path("manifests/examples/tiny-assets"), help="output directory"
+    )
+
+    schedule = command("schedule", _schedule, "show the planned mixture over the run")
+    schedule.add_argument(
+        "--at",
+        type=int,
+        action="append",
+        metavar="N",
+        help="target weights at progress N (in the schedule's unit); repeatable",
+    )
+    schedule.add_argument("--rows", type=int, default=11, help="table rows over the run")
+    schedule.add_argument("--json", action="store_true", help="print JSON")
+    schedule.add_argument("--png", type=Path, help="also plot planned vs realised mixture")
+    schedule.add_argument(
+        "--no-data", action="store_true", help="skip reading the data (no exhaustion warnings)"
+    )
+
+    sample = command("sample", _sample, "show the source of each global sample index")
+    sample.add_argument("--start", type=int, default=0, help="first global sample index")
+    sample.add_argument("--count", type=int, default=20, help="how many samples")
+    sample.add_argument("--json", action="store_true", help="print JSON")
+    sample.add_argument(
+        "--decode", action="store_true", help="read the data: show each sample's block and text"
+    )
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _example(args: argparse.Namespace) -> int:
+    from chatflow.examples import build_tiny_example
+
+    dest = build_tiny_example(args.dest)
+    print(f"tiny example assets in {dest}")
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    run = load_run(args.file)
+    schedule = Schedule.from_spec(run.spec)
+    if args.at:
+        points = [
+            {"at": at, "weights": _named(schedule, schedule.weights_at(at))} for at in args.at
+        ]
+        if args.json:
+            print(json.dumps({"points": points}, indent=2))
+        else:
+            for point in points:
+                weights = "  ".join(f"{k}={v:.3f}" for k, v in point["weights"].items())
+                print(f"at {point['at']:,}: {weights}")
+        return 0
+
+    from chatflow.plan import survey
+
+    sampler = MixtureSampler(schedule, run.spec.training.seed)
+    total = run.spec.training.total_samples
+    available = max_epochs = None
+    if not args.no_data:
+        packed = _prepare(run, args)
+        available = [p.num_blocks for p in packed]
+        max_epochs = [s.max_epochs for s in run.spec.data.sources]
+    result = survey(sampler, total, available, max_epochs)
+    rows = _table_rows(schedule, total, args.rows)
+    warnings = [u.warning for u in result.usage if u.warning]
+    if args.json:
+        usage = [
+            {"source": u.name, "planned": u.planned, "available": u.available, "epochs": u.epochs}
+            for u in result.usage
+        ]
+        print(json.dumps({"rows": rows, "sources": usage, "warnings": warnings}, indent=2))
+    else:
+        _print_schedule(run, rows, result)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.png:
+        from chatflow.plot import plot_schedule
+
+        plot_schedule(run, schedule, total, result, args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    if args.start < 0 or args.count <= 0:
+        raise SpecError("--start must be >= 0 and --count > 0")
+    run = load_run(args.file)
+    sampler = MixtureSampler(Schedule.from_spec(run.spec), run.spec.training.seed)
+    position = sampler.advance(Position.start(sampler.num_sources), args.start)
+    plan, _ = sampler.plan(position, args.count)
+    names = sampler.schedule.sources
+    records = [
+        {"index": int(n), "source": names[s], "ordinal": int(k)}
+        for n, s, k in zip(plan.indices, plan.sources, plan.ordinals, strict=True)
+    ]
+    if args.decode:
+        from chatflow.data.mixture import Mixture
+        from chatflow.data.pipeline import load_tokenizer
+
+        tokenizer = load_tokenizer(run.spec, args.file.parent)
+        mixture = Mixture(sampler, _prepare(run, args, tokenizer))
+        for record, source in zip(records, plan.sources, strict=True):
+            sample = mixture.sample(record["index"], int(source), record["ordinal"])
+            text = tokenizer.decode(sample.input_ids[: sample.tokens], skip_special_tokens=True)
+            record |= {
+                "block": sample.block,
+                "tokens": sample.tokens,
+                "trained_tokens": int((sample.labels >= 0).sum()),
+                "text": " ".join(text.split())[:60],
+            }
+    if args.json:
+        print(json.dumps({"samples": records}, ensure_ascii=False, indent=2))
+        return 0
+    columns = list(records[0])
+    print("  ".join(f"{c:>14}" if c != "text" else c for c in columns))
+    for record in records:
+        print("  ".join(f"{record[c]:>14}" if c != "text" else record[c] for c in columns))
+    return 0
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _prepare(run: ChatFlowRun, args: argparse.Namespace, tokenizer=None) -> list:
+    from chatflow.data.pipeline import load_tokenizer, prepare_sources
+
+    base_dir = args.file.parent
+    tokenizer = tokenizer or load_tokenizer(run.spec, base_dir)
+    return prepare_sources(run.spec, base_dir, args.cache_dir, tokenizer)
+
+
+def _named(schedule: Schedule, weights: np.ndarray) -> dict[str, float]:
+    return {name: round(float(w), 6) for name, w in zip(schedule.sources, weights, strict=True)}
+
+
+def _table_rows(schedule: Schedule, total: int, rows: int) -> list[dict]:
+    samples = np.unique(np.linspace(0, total, max(rows, 2)).round().astype(np.int64))
+    progress = schedule.progress(samples)
+    return [
+        {
+            "sample": int(n),
+            "progress": float(schedule.fraction_done(x)),
+            "phase": schedule.phase_at(float(x))[1],
+            "weights": _named(schedule, w),
+        }
+        for n, x, w in zip(samples, progress, schedule.weights_at(progress), strict=True)
+    ]
+
+
+def _print_schedule(run: ChatFlowRun, rows: list[dict], result) -> None:
+    sources = run.spec.source_names
+    width = max(8, *(len(s) for s in sources))
+    print(
+        f"{'sample':>12}  {'progress':>8}  {'phase':<10}"
+        + "".join(f"{s:>{width + 2}}" for s in sources)
+    )
+    for row in rows:
+        weights = "".join(f"{row['weights'][s]:>{width + 2}.3f}" for s in sources)
+        print(f"{row['sample']:>12,}  {row['progress']:>8.2f}  {row['phase']:<10}{weights}")
+    print()
+    print(f"{'source':<{width}}  {'kind':<11}  {'planned':>10}  {'available':>10}  {'epochs':>7}")
+    for spec, usage in zip(run.spec.data.sources, result.usage, strict=True):
+        available = "?" if usage.available is None else f"{usage.available:,}"
+        epochs = "?" if usage.epochs is None else f"{usage.epochs:.2f}"
+        print(
+            f"{usage.name:<{width}}  {spec.kind:<11}  {usage.planned:>10,}  {available:>10}"
+            f"  {epochs:>7}"
+        )

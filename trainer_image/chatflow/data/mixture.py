@@ -1,0 +1,71 @@
+"""The global mixture: the sampler's decisions turned into training samples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from chatflow.data.store import PackedSource, SourceExhausted
+from chatflow.sampler import MixtureSampler, Position
+
+IGNORE_INDEX = -100  # the label value Hugging Face causal-LM losses skip
+
+
+@dataclass(frozen=True)
+class Sample:
+    index: int  # global sample index
+    source: int  # index into the run's sources
+    ordinal: int  # how many samples its source had given before this one
+    block: int  # which of the source's packed blocks
+    input_ids: np.ndarray  # (seqLength,) int64
+    labels: np.ndarray  # (seqLength,) int64; IGNORE_INDEX where the mask is 0
+    tokens: int  # real (non-padding) tokens
+
+
+class Mixture:
+    """Samples of the global sequence, for any consumer's share, from any position."""
+
+    def __init__(self, sampler: MixtureSampler, sources: list[PackedSource]) -> None:
+        if [s.name for s in sources] != list(sampler.schedule.sources):
+            raise ValueError("sources must be in the schedule's order")
+        self.sampler = sampler
+        self.sources = sources
+
+    def sample(self, index: int, source: int, ordinal: int) -> Sample:
+        packed = self.sources[source]
+        try:
+            block = packed.block_of(ordinal)
+        except SourceExhausted as e:
+            raise SourceExhausted(f"{e} (at global sample {index})") from None
+        ids = packed.input_ids[block].astype(np.int64)
+        labels = np.where(packed.loss_mask[block] > 0, ids, IGNORE_INDEX)
+        return Sample(index, source, ordinal, block, ids, labels, int(packed.lengths[block]))
+
+    def samples(
+        self, position: Position, consumer: int = 0, consumers: int = 1
+    ) -> Iterator[Sample]:
+        """This consumer's share of the global sequence from `position` on (see MixtureSampler)."""
+        for index, source, ordinal in self.sampler.stream(position, consumer, consumers):
+            yield self.sample(index, source, ordinal)
+
+
+@dataclass
+class Tally:
+    """Samples and real tokens consumed per source."""
+
+    samples: np.ndarray
+    tokens: np.ndarray
+
+    @classmethod
+    def zeros(cls, num_sources: int) -> Tally:
+        return cls(np.zeros(num_sources, dtype=np.int64), np.zeros(num_sources, dtype=np.int64))
+
+    def add(self, sample: Sample) -> None:
+        self.samples[sample.source] += 1
+        self.tokens[sample.source] += sample.tokens
+
+    def fractions(self) -> np.ndarray:
+        total = self.samples.sum()
+        return self.samples / total if total else np.zeros_like(self.samples, dtype=np.float64)
