@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from factories import run_document
 
 from chatflow.spec import SpecError, load_run, parse_run
+from factories import run_document
 
 
 def test_valid_document_parses_with_defaults() -> None:
