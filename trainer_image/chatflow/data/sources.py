@@ -39,8 +39,10 @@ def local_path(path: str, base_dir: Path) -> Path:
     return candidate if candidate.is_absolute() else base_dir / candidate
 
 
-def first_line(error: Exception) -> str:
-    """The first line of an error from a library: enough for a one-line message."""
+def first_line(error: BaseException) -> str:
+    """The first line of the root cause of a library's error: enough for a one-line message."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -66,6 +68,7 @@ def local_files(source: SourceSpec, base_dir: Path) -> list[Path] | None:
 
 def load_records(source: SourceSpec, base_dir: Path) -> Records:
     """The source's records, read eagerly or as a stream (`streaming: true`)."""
+    datasets.disable_progress_bars()  # our own progress reporting speaks for the pipeline
     files = local_files(source, base_dir)
     try:
         if files is None:

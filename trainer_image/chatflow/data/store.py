@@ -172,6 +172,7 @@ def _build(
     try:
         meta = _write_blocks(source, base_dir, tmp, tokenizer, seq_length)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(directory, ignore_errors=True)  # an incomplete entry from elsewhere
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,267 @@
+"""The data pipeline on small files made here, with the real LLaMA-style tokenizer."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from chatflow.data.mixture import IGNORE_INDEX, Mixture, Tally
+from chatflow.data.packing import Packer
+from chatflow.data.pipeline import build_mixture, prepare_sources
+from chatflow.data.render import Renderer
+from chatflow.data.sources import SourceError
+from chatflow.data.store import PackedSource, SourceExhausted, prepare_source
+from chatflow.sampler import Position
+from chatflow.spec import SourceSpec, SpecError, parse_run
+from factories import run_document
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }}"
+    " [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(llama_tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+
+
+def source(**fields) -> SourceSpec:
+    defaults = {"name": "s", "kind": "pretrain", "language": "en", "path": "data.jsonl"}
+    return SourceSpec.model_validate(defaults | fields)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+
+def test_pretraining_stream_is_cut_into_full_blocks_across_documents() -> None:
+    packer = Packer(seq_length=4, pad_id=0, split_documents=True)
+    documents = [([1, 2, 3, 4, 5], [0, 1, 1, 1, 1]), ([1, 6, 7], [0, 1, 1])]
+    ids, mask, lengths = packer.add(documents)
+    np.testing.assert_array_equal(ids, [[1, 2, 3, 4], [5, 1, 6, 7]])
+    np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [1, 0, 1, 1]])  # boundary masked
+    np.testing.assert_array_equal(lengths, [4, 4])
+    packer.add([([1, 8], [0, 1])])
+    ids, mask, lengths = packer.finish()
+    np.testing.assert_array_equal(ids, [[1, 8, 0, 0]])
+    np.testing.assert_array_equal(mask, [[0, 1, 0, 0]])  # padding is never a target
+    np.testing.assert_array_equal(lengths, [2])
+
+
+def test_instruction_documents_are_never_split() -> None:
+    packer = Packer(seq_length=5, pad_id=9, split_documents=False)
+    documents = [([1, 2, 3], [0, 0, 1]), ([4, 5, 6], [0, 0, 1]), ([7] * 8, [1] * 8)]
+    ids, _, lengths = packer.add(documents)
+    np.testing.assert_array_equal(ids, [[1, 2, 3, 9, 9], [4, 5, 6, 9, 9]])
+    np.testing.assert_array_equal(lengths, [3, 3])
+    ids, _, lengths = packer.finish()
+    np.testing.assert_array_equal(ids, [[7] * 5])  # longer than a block: truncated
+    assert packer.truncated == 1
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def trained_text(tokenizer, ids: list[int], mask: list[int]) -> str:
+    return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
+
+def test_pretraining_document_is_bos_text_eos_with_bos_masked(tokenizer) -> None:
+    [(ids, mask)] = Renderer(source(), tokenizer)({"text": ["你好, world", "", "   "]})
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[1:-1]) == "你好, world"
+    assert mask == [0] + [1] * (len(ids) - 1)
+
+
+def test_parallel_pairs_render_both_directions_with_the_template(tokenizer) -> None:
+    spec = source(
+        kind="parallel",
+        language=None,
+        languages=["zh", "en"],
+        fields={"source": "zh", "target": "en"},
+        template="<{source_language}> {source} <{target_language}> {target}",
+    )
+    documents = Renderer(spec, tokenizer)({"zh": ["猫", ""], "en": ["cat", "dog"]})
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in documents]
+    assert texts == ["<zh> 猫 <en> cat", "<en> cat <zh> 猫"]  # the empty pair is skipped
+    forward_only = spec.model_copy(update={"directions": "forward"})
+    assert len(Renderer(forward_only, tokenizer)({"zh": ["猫"], "en": ["cat"]})) == 1
+
+
+def test_alpaca_instruction_trains_on_the_response_only(tokenizer) -> None:
+    spec = source(kind="instruction", language=None, format="alpaca", chat_template=CHAT_TEMPLATE)
+    batch = {"instruction": ["翻译成英文"], "input": ["猫"], "output": ["cat"]}
+    [(ids, mask)] = Renderer(spec, tokenizer)(batch)
+    assert tokenizer.decode(ids).startswith("<s>[INST] 翻译成英文\n\n猫 [/INST]")
+    assert trained_text(tokenizer, ids, mask) == " cat</s>"
+
+
+def test_chat_messages_train_on_every_assistant_turn(tokenizer) -> None:
+    spec = source(kind="instruction", language=None, format="messages", chat_template=CHAT_TEMPLATE)
+    messages = [
+        {"role": "user", "content": "一"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "二"},
+        {"role": "assistant", "content": "two"},
+    ]
+    [(ids, mask)] = Renderer(spec, tokenizer)({"messages": [messages]})
+    assert trained_text(tokenizer, ids, mask) == " one</s> two</s>"
+
+
+def test_instruction_errors_name_the_field(tokenizer) -> None:
+    spec = source(kind="instruction", language=None, format="alpaca")
+    with pytest.raises(SourceError, match=r"^chatTemplate: the tokenizer has no chat template"):
+        Renderer(spec, tokenizer)
+    suffixed = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
+    spec = spec.model_copy(update={"chat_template": suffixed})
+    with pytest.raises(SourceError, match=r"^chatTemplate: a conversation prefix"):
+        Renderer(spec, tokenizer)({"instruction": ["a"], "output": ["b"]})
+    with pytest.raises(SourceError, match=r"^format: no column 'output'"):
+        Renderer(spec, tokenizer)({"instruction": ["a"]})
+
+
+# --- the cache ---------------------------------------------------------------------------------
+
+
+def test_prepare_packs_once_and_reuses_the_cache(tmp_path, tokenizer) -> None:
+    write_jsonl(tmp_path / "data.jsonl", [{"text": f"document {i} " * 20} for i in range(50)])
+    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 32, seed=0)
+    assert packed.documents == 50 and packed.num_blocks > 10
+    assert packed.input_ids.shape == (packed.num_blocks, 32)
+    stamp = (packed.directory / "meta.json").stat().st_mtime_ns
+    again = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 32, seed=0)
+    assert again.directory == packed.directory
+    assert (again.directory / "meta.json").stat().st_mtime_ns == stamp
+    other = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 64, seed=0)
+    assert other.directory != packed.directory  # seqLength is part of the fingerprint
+
+
+def test_a_half_written_cache_entry_is_never_used(tmp_path, tokenizer) -> None:
+    write_jsonl(tmp_path / "data.jsonl", [{"text": "hello world " * 30}] * 5)
+    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
+    expected = np.array(packed.input_ids)
+    # A build killed before meta.json was written: its files are there, its marker is not.
+    (packed.directory / "meta.json").unlink()
+    (packed.directory / "input_ids.bin").write_bytes(b"\0" * 8)
+    (tmp_path / "cache" / f".{packed.directory.name}.tmp-99999").mkdir()
+    rebuilt = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
+    np.testing.assert_array_equal(rebuilt.input_ids, expected)
+
+
+def test_every_epoch_visits_each_block_once_in_a_new_order(tmp_path, tokenizer) -> None:
+    write_jsonl(tmp_path / "data.jsonl", [{"text": f"line {i} " * 10} for i in range(40)])
+    packed = prepare_source(source(max_epochs=2), tmp_path, tmp_path / "c", tokenizer, 16, seed=3)
+    blocks = packed.num_blocks
+    first = [packed.block_of(k) for k in range(blocks)]
+    second = [packed.block_of(k) for k in range(blocks, 2 * blocks)]
+    assert sorted(first) == sorted(second) == list(range(blocks))
+    assert first != second
+    with pytest.raises(SourceExhausted, match=r"source 's' exhausted: .* maxEpochs 2"):
+        packed.block_of(2 * blocks)
+
+
+# --- the whole pipeline ------------------------------------------------------------------------
+
+
+def tiny_run(tmp_path: Path, **schedule) -> tuple:
+    write_jsonl(tmp_path / "data/en.jsonl", [{"text": f"english text {i} " * 8} for i in range(60)])
+    write_jsonl(tmp_path / "data/zh.jsonl", [{"text": f"中文文本{i}。" * 8} for i in range(60)])
+    write_jsonl(tmp_path / "data/zh-en.jsonl", [{"zh": "猫", "en": "cat"}] * 60)
+    write_jsonl(tmp_path / "data/sft.jsonl", [{"instruction": "翻译", "output": "ok"}] * 60)
+    document = run_document(**({"schedule": schedule} if schedule else {}))
+    document["spec"]["data"]["sources"][3]["chatTemplate"] = CHAT_TEMPLATE
+    return parse_run(document).spec, tmp_path
+
+
+def test_mixture_yields_labelled_samples_following_the_sampler(tmp_path, tokenizer) -> None:
+    spec, base = tiny_run(tmp_path)
+    mixture = build_mixture(spec, prepare_sources(spec, base, tmp_path / "cache", tokenizer))
+    tally = Tally.zeros(4)
+    for sample in islice(mixture.samples(Position.start(4)), 400):
+        tally.add(sample)
+        assert sample.input_ids.shape == sample.labels.shape == (64,)
+        trained = sample.labels != IGNORE_INDEX
+        np.testing.assert_array_equal(sample.labels[trained], sample.input_ids[trained])
+    expected = np.bincount(mixture.sampler.sources_of(0, 400), minlength=4)
+    np.testing.assert_array_equal(tally.samples, expected)
+    assert (tally.tokens <= tally.samples * 64).all()
+    assert tally.tokens[0] > 0.9 * tally.samples[0] * 64  # pretraining blocks are full but one
+
+
+def test_consumers_of_the_mixture_split_it_exactly(tmp_path, tokenizer) -> None:
+    spec, base = tiny_run(tmp_path)
+    mixture: Mixture = build_mixture(spec, prepare_sources(spec, base, tmp_path / "c", tokenizer))
+    whole = [(s.index, s.block) for s in islice(mixture.samples(Position.start(4)), 90)]
+    shares = [
+        (s.index, s.block)
+        for c in range(3)
+        for s in islice(mixture.samples(Position.start(4), c, 3), 30)
+    ]
+    assert sorted(shares) == whole
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("missing/en.jsonl", r"^spec\.data\.sources\[0\]\.path: no such file or directory"),
+        ("no-such-org/no-such-dataset", r"^spec\.data\.sources\[0\]\.path: cannot load .* hub"),
+        ("mixed", r"^spec\.data\.sources\[0\]\.path: mixed or unknown file types"),
+        ("data/sft.jsonl", r"^spec\.data\.sources\[0\]\.textField: no column 'text'"),
+        ("broken.jsonl", r"^spec\.data\.sources\[0\]\.path: cannot load 'broken.jsonl' from local"),
+    ],
+)
+def test_unloadable_sources_fail_with_one_line(tmp_path, tokenizer, monkeypatch, path, expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec, base = tiny_run(tmp_path)
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "mixed" / "b.txt").write_text("b\n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    document = run_document()
+    document["spec"]["data"]["sources"][0]["path"] = path
+    spec = parse_run(document).spec
+    with pytest.raises(SpecError, match=expected) as error:
+        prepare_sources(spec, base, tmp_path / "cache", tokenizer)
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_text_column_names_text_field(tmp_path, tokenizer) -> None:
+    write_jsonl(tmp_path / "data.jsonl", [{"body": "x"}])
+    with pytest.raises(SourceError, match=r"^textField: no column 'text' in the data"):
+        prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
+    assert not list((tmp_path / "cache").glob("s-*"))  # nothing half-written left behind
+
+
+def test_text_and_parquet_files_load_too(tmp_path, tokenizer) -> None:
+    import datasets
+
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    datasets.Dataset.from_dict({"text": ["parquet row"] * 3}).to_parquet(tmp_path / "b.parquet")
+    text = prepare_source(source(path="a.txt"), tmp_path, tmp_path / "c", tokenizer, 8, seed=0)
+    parquet = prepare_source(source(path="*.parquet"), tmp_path, tmp_path / "c", tokenizer, 8, 0)
+    assert (text.documents, parquet.documents) == (2, 3)
+    streamed = prepare_source(
+        source(path="b.parquet", streaming=True), tmp_path, tmp_path / "c", tokenizer, 8, 0
+    )
+    np.testing.assert_array_equal(streamed.input_ids, parquet.input_ids)
+
+
+def test_packed_source_reopens_from_its_directory(tmp_path, tokenizer) -> None:
+    write_jsonl(tmp_path / "data.jsonl", [{"text": "abc " * 40}])
+    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
+    reopened = PackedSource.open(packed.directory, max_epochs=None, seed=0)
+    assert reopened.tokens == packed.tokens == int(packed.lengths.sum())

@@ -1,0 +1,170 @@
+"""Vocabulary extension: add tokens (ChatFlow: 8,076 Chinese characters) to a tokenizer and model.
+
+A character that LLaMA-2's tokenizer does not know is split into UTF-8 byte pieces (byte fallback),
+so Chinese text costs several tokens per character. Each character becomes one new token, and its
+embedding rows start as the mean of the rows of the pieces it used to split into: a start that
+carries what the model learned about those pieces, where random rows would carry nothing.
+
+Typical use, before the model is wrapped for distributed training:
+
+    new_tokens = extend_tokenizer(tokenizer, read_tokens_file(path))
+    extend_embeddings(model, new_tokens)
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from chatflow.spec import SpecError
+
+# SentencePiece's word-boundary mark: a space, or the prefix it adds at the start of a text.
+_PREFIX_SPACE = "▁"
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    """A token added to the vocabulary."""
+
+    token: str
+    id: int
+    pieces: tuple[int, ...]
+    """The ids the original tokenizer split the token into, inside running text."""
+
+
+def read_tokens_file(path: str | Path) -> list[str]:
+    """Read a UTF-8 file of one token per line, dropping blank lines and repeated tokens.
+
+    Whitespace at either end of a line is ignored; whitespace or a control character inside a token
+    is an error, since it usually means two tokens were put on one line. Raises SpecError with a
+    one-line message naming the file and line.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        # utf-8-sig: a byte-order mark left by an editor must not become part of the first token.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: not valid UTF-8") from None
+
+    tokens: dict[str, None] = {}
+    # split("\n") rather than splitlines(): the latter also breaks at Unicode separators such as
+    # U+2028, which would hide them instead of reporting them.
+    for number, line in enumerate(text.split("\n"), start=1):
+        token = line.strip()
+        bad = next((c for c in token if c.isspace() or unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise SpecError(
+                f"{path}:{number}: token {token!r} contains U+{ord(bad):04X}; "
+                "expected one token per line"
+            )
+        if token:
+            tokens.setdefault(token)
+    if not tokens:
+        raise SpecError(f"{path}: no tokens")
+    return list(tokens)
+
+
+def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, tokens: Iterable[str]) -> list[NewToken]:
+    """Add `tokens` to the tokenizer as normal (non-special) tokens.
+
+    Tokens the vocabulary already has are skipped, as are repeats. Returns the added tokens in id
+    order, each with the pieces the tokenizer split it into before, for `extend_embeddings`.
+    """
+    vocab = tokenizer.get_vocab()
+    candidates = [token for token in dict.fromkeys(tokens) if token not in vocab]
+    if not candidates:
+        return []
+    pieces = _pieces_in_text(tokenizer, candidates)
+    # normalized=False: a token matches exactly its own text. Matched after normalization, a
+    # fullwidth "，" would (under NFKC) also capture every ASCII ",".
+    tokenizer.add_tokens([AddedToken(token, normalized=False) for token in candidates])
+    ids = tokenizer.convert_tokens_to_ids(candidates)
+    return [
+        NewToken(token, id_, tuple(split))
+        for token, id_, split in zip(candidates, ids, pieces, strict=True)
+    ]
+
+
+def _pieces_in_text(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> list[list[int]]:
+    """The ids each token is split into where it occurs inside a text.
+
+    Encoded alone, a token may get SentencePiece's prefix space: LLaMA-2's tokenizer gives
+    "鑫" -> ["▁", <0xE9>, <0x91>, <0xAB>]. Inside a sentence there is no "▁", and averaging its row
+    in would pull every new character toward "space". Metaspace's prepend_scheme="first" adds it
+    only at the start of a text, so each token is encoded after a special token, whose id is then
+    dropped.
+    """
+    if not tokenizer.all_special_tokens:
+        raise ValueError("the tokenizer needs a special token to mark where a text starts")
+    start = tokenizer.all_special_tokens[0]
+    start_id = tokenizer.convert_tokens_to_ids(start)
+
+    encoded = tokenizer([start + token for token in tokens], add_special_tokens=False)["input_ids"]
+    result = []
+    for token, ids in zip(tokens, encoded, strict=True):
+        assert ids[0] == start_id, f"{start!r} was not encoded as one token"
+        pieces = ids[1:]
+        if not pieces:
+            raise ValueError(f"token {token!r} encodes to no pieces")
+        first = tokenizer.convert_ids_to_tokens(pieces[0])
+        if first.startswith(_PREFIX_SPACE) and not token.startswith((" ", _PREFIX_SPACE)):
+            # A Prepend normalizer (older LLaMA tokenizer.json files) puts "▁" before every
+            # segment, so each added token would also insert a space before the text after it.
+            raise ValueError(
+                f"the tokenizer puts {_PREFIX_SPACE!r} before text that follows an added token, "
+                "so new tokens would insert spaces; load it with LlamaTokenizer instead"
+            )
+        result.append(pieces)
+    return result
+
+
+def extend_embeddings(model: PreTrainedModel, new_tokens: Sequence[NewToken]) -> None:
+    """Grow the model's token embeddings for `new_tokens` and initialise their rows.
+
+    Each new row, in the input embedding and in the output embedding (LM head) when it is not tied
+    to it, is the mean of the rows of the token's old pieces. config.vocab_size follows the new
+    size. Call before the model is sharded (e.g. by DeepSpeed ZeRO-3).
+    """
+    if not new_tokens:
+        return
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    pieces = torch.tensor([p for t in new_tokens for p in t.pieces])
+    if pieces.max() >= old_rows:
+        raise ValueError(
+            f"a piece id ({int(pieces.max())}) is past the model's {old_rows} embedding rows: "
+            "the tokenizer does not belong to this model"
+        )
+    ids = torch.tensor([t.id for t in new_tokens])
+    counts = torch.tensor([len(t.pieces) for t in new_tokens])
+    # Row i of `pieces` belongs to new token owner[i]: a segment mean is index_add_ then divide.
+    owner = torch.repeat_interleave(torch.arange(len(new_tokens)), counts)
+
+    # Some models have more rows than tokens (padded to a multiple of 64): the new ids may fall in
+    # those unused rows, and the embeddings must not shrink.
+    model.resize_token_embeddings(
+        max(old_rows, int(ids.max()) + 1),
+        # The default samples new rows from the old rows' distribution; they are overwritten below.
+        mean_resizing=False,
+    )
+    weights = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not weights[0]:
+        weights.append(output.weight)
+    with torch.no_grad():
+        for weight in weights:
+            device = weight.device
+            # Sum in float32: averaging bf16 rows in bf16 would lose precision for no gain.
+            sums = torch.zeros(len(new_tokens), weight.shape[1], dtype=torch.float32, device=device)
+            sums.index_add_(0, owner.to(device), weight[pieces.to(device)].float())
+            means = sums / counts.to(device).unsqueeze(1)
+            weight[ids.to(device)] = means.to(weight.dtype)
