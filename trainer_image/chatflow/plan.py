@@ -43,6 +43,7 @@ class SourceUsage:
 @dataclass(frozen=True)
 class Survey:
     usage: list[SourceUsage]
+    window: int  # samples per window of `realised`
     window_starts: np.ndarray  # (W,) first global sample of each window
     realised: np.ndarray  # (W, K) fraction of each window's samples from each source
 
@@ -53,15 +54,20 @@ def survey(
     available: list[int] | None = None,
     max_epochs: list[float | None] | None = None,
     windows: int = 100,
+    min_window: int = 64,
 ) -> Survey:
-    """Run the sampler over samples 0..total-1 (in chunks) and summarise it."""
+    """Run the sampler over samples 0..total-1 (in chunks) and summarise it.
+
+    Realised fractions are measured in up to `windows` windows of at least `min_window` samples:
+    smaller windows show quantisation (1/size), not the sampler.
+    """
     k = sampler.num_sources
     limits = np.full(k, np.inf)
     if available is not None and max_epochs is not None:
         limits = np.array(
             [np.inf if m is None else m * a for a, m in zip(available, max_epochs, strict=True)]
         )
-    window = max(total // windows, 1)
+    window = max(total // windows, min_window)
     counts = np.zeros((-(-total // window), k), dtype=np.int64)
     exhausted_at = np.full(k, -1, dtype=np.int64)
     position = Position.start(k)
@@ -83,4 +89,4 @@ def survey(
         for i, name in enumerate(sampler.schedule.sources)
     ]
     sizes = counts.sum(axis=1, keepdims=True)
-    return Survey(usage, np.arange(len(counts)) * window, counts / np.maximum(sizes, 1))
+    return Survey(usage, window, np.arange(len(counts)) * window, counts / np.maximum(sizes, 1))

@@ -25,11 +25,12 @@ def plot_schedule(
     for k, name in enumerate(schedule.sources):
         (line,) = axes.plot(samples, target[:, k], label=f"{name} target")
         axes.plot(
-            survey.window_starts,
+            survey.window_starts + survey.window / 2,
             survey.realised[:, k],
-            ".",
+            "o",
             color=line.get_color(),
             markersize=3,
+            alpha=0.7,
             label=f"{name} realised",
         )
     horizon_samples = schedule.horizon / schedule.tokens_per_sample

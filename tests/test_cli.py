@@ -1,0 +1,150 @@
+"""The `chatflow` command, on the bundled tiny example and on broken manifests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chatflow.cli import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_at_json_prints_normalised_weights(capsys, tiny_example: Path) -> None:
+    code, out, _ = run(
+        capsys,
+        "schedule",
+        "-f",
+        str(tiny_example),
+        "--at",
+        "0",
+        "--at",
+        "400",
+        "--at",
+        "10000",
+        "--json",
+    )
+    assert code == 0
+    points = json.loads(out)["points"]
+    assert [p["at"] for p in points] == [0, 400, 10000]
+    assert points[0]["weights"] == {
+        "en-web": 0.5,
+        "zh-web": 0.2,
+        "zh-en": 0.3,
+        "sft": 0.0,
+        "chat": 0.0,
+    }
+    assert points[1]["weights"]["en-web"] == pytest.approx(0.3)
+    assert points[2]["weights"]["sft"] == pytest.approx(0.25)
+    for point in points:
+        assert sum(point["weights"].values()) == pytest.approx(1.0)
+
+
+def test_schedule_table_usage_and_png(
+    capsys, tiny_example: Path, cache_dir: Path, tmp_path
+) -> None:
+    png = tmp_path / "schedule.png"
+    code, out, err = run(
+        capsys,
+        "schedule",
+        "-f",
+        str(tiny_example),
+        "--cache-dir",
+        str(cache_dir),
+        "--png",
+        str(png),
+    )
+    assert code == 0
+    assert "growth" in out and "final" in out
+    for source in ("en-web", "zh-web", "zh-en", "sft", "chat"):
+        assert source in out
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+    assert f"wrote {png}" in err
+
+
+def test_schedule_warns_before_a_source_runs_out(
+    capsys, tiny_example: Path, cache_dir: Path, tmp_path
+) -> None:
+    document = yaml.safe_load(tiny_example.read_text())
+    for source in document["spec"]["data"]["sources"]:
+        source["path"] = str(tiny_example.parent / source["path"])
+        if source["name"] == "zh-en":
+            source["maxEpochs"] = 0.01
+    for key in ("base", "tokenizer"):
+        document["spec"]["model"][key] = str(tiny_example.parent / document["spec"]["model"][key])
+    vocab = document["spec"]["model"]["extendVocab"]
+    vocab["tokensFile"] = str(tiny_example.parent / vocab["tokensFile"])
+    manifest = tmp_path / "run.yaml"
+    manifest.write_text(yaml.safe_dump(document))
+    code, out, err = run(
+        capsys, "schedule", "-f", str(manifest), "--cache-dir", str(cache_dir), "--json"
+    )
+    assert code == 0
+    [warning] = [w for w in json.loads(out)["warnings"] if "zh-en" in w]
+    assert "passes maxEpochs 0.01 at global sample" in warning
+    assert f"warning: {warning}" in err
+
+
+def test_sample_shows_sources_in_order_and_decodes(
+    capsys, tiny_example: Path, cache_dir: Path
+) -> None:
+    code, out, _ = run(
+        capsys, "sample", "-f", str(tiny_example), "--start", "100", "--count", "8", "--json"
+    )
+    assert code == 0
+    samples = json.loads(out)["samples"]
+    assert [s["index"] for s in samples] == list(range(100, 108))
+    code, out, _ = run(
+        capsys,
+        "sample",
+        "-f",
+        str(tiny_example),
+        "--cache-dir",
+        str(cache_dir),
+        "--start",
+        "100",
+        "--count",
+        "8",
+        "--json",
+        "--decode",
+    )
+    decoded = json.loads(out)["samples"]
+    assert [(s["source"], s["ordinal"]) for s in decoded] == [
+        (s["source"], s["ordinal"]) for s in samples
+    ]
+    assert all(s["tokens"] > 0 and s["text"] for s in decoded)
+
+
+def test_bad_manifest_is_one_line_and_exit_2(capsys, tmp_path, tiny_example: Path) -> None:
+    document = yaml.safe_load(tiny_example.read_text())
+    document["spec"]["schedule"]["end"]["wiki"] = 0.2
+    manifest = tmp_path / "bad.yaml"
+    manifest.write_text(yaml.safe_dump(document))
+    code, out, err = run(capsys, "schedule", "-f", str(manifest))
+    assert (code, out) == (2, "")
+    assert err.startswith("chatflow: error: spec.schedule.end.wiki: unknown source 'wiki'")
+    assert err.count("\n") == 1
+
+
+def test_entry_point_exit_status(tmp_path) -> None:
+    missing = tmp_path / "missing.yaml"
+    result = subprocess.run(
+        [Path(sys.executable).parent / "chatflow", "sample", "-f", str(missing)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"chatflow: error: {missing}: cannot read: No such file or directory"
+    )
