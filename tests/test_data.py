@@ -265,3 +265,27 @@ def test_packed_source_reopens_from_its_directory(tmp_path, tokenizer) -> None:
     packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
     reopened = PackedSource.open(packed.directory, max_epochs=None, seed=0)
     assert reopened.tokens == packed.tokens == int(packed.lengths.sum())
+
+
+def test_the_bundled_example_with_its_extended_vocabulary(tiny_example: Path, cache_dir: Path):
+    from chatflow.data.pipeline import load_tokenizer
+    from chatflow.spec import load_run
+    from chatflow.vocab import read_tokens_file
+
+    run = load_run(tiny_example)
+    base = tiny_example.parent
+    tokenizer = load_tokenizer(run.spec, base)
+    added = read_tokens_file(base / run.spec.model.extend_vocab.tokens_file)
+    assert len(tokenizer) == 32000 + len(added)
+    packed = {p.name: p for p in prepare_sources(run.spec, base, cache_dir, tokenizer)}
+    # Chinese text now uses the added characters as single tokens.
+    assert (packed["zh-web"].input_ids >= 32000).mean() > 0.03
+    assert (packed["en-web"].input_ids >= 32000).mean() < 0.001
+    for name in ("sft", "chat"):
+        source = packed[name]
+        trained, real = int(source.loss_mask.sum()), source.tokens
+        assert 0 < trained < real / 2  # prompts are masked, responses trained
+        real_tokens = source.lengths[0]  # the rest of the block is padding (EOS ids, mask 0)
+        ids, mask = source.input_ids[0, :real_tokens], source.loss_mask[0, :real_tokens] > 0
+        assert tokenizer.decode(ids[mask]).count("</s>") == tokenizer.decode(ids).count("</s>")
+    assert packed["zh-en"].documents == 2 * 5000  # both directions of every pair
