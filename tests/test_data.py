@@ -99,6 +99,18 @@ def test_parallel_pairs_render_both_directions_with_the_template(tokenizer) -> N
     assert len(Renderer(forward_only, tokenizer)({"zh": ["猫"], "en": ["cat"]})) == 1
 
 
+def test_dotted_fields_reach_into_nested_translation_columns(tokenizer) -> None:
+    spec = source(
+        kind="parallel",
+        language=None,
+        languages=["zh", "en"],
+        fields={"source": "translation.zh", "target": "translation.en"},
+        directions="forward",
+    )
+    [(ids, _)] = Renderer(spec, tokenizer)({"translation": [{"zh": "猫", "en": "cat"}]})
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "猫\ncat"
+
+
 def test_alpaca_instruction_trains_on_the_response_only(tokenizer) -> None:
     spec = source(kind="instruction", language=None, format="alpaca", chat_template=CHAT_TEMPLATE)
     batch = {"instruction": ["翻译成英文"], "input": ["猫"], "output": ["cat"]}

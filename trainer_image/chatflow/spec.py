@@ -75,7 +75,11 @@ class ModelSpec(_Spec):
 
 
 class ParallelFields(_Spec):
-    source: str = Field(min_length=1, description="column with the source-language text")
+    source: str = Field(
+        min_length=1,
+        description="column with the source-language text; dotted names such as "
+        "`translation.zh` reach into nested columns",
+    )
     target: str = Field(min_length=1, description="column with the target-language text")
 
 

@@ -125,9 +125,16 @@ class Renderer:
 
 
 def _column(batch: Batch, name: str, field: str = "format") -> list[Any]:
-    if name not in batch:
+    """A column of the batch; a dotted name such as `translation.zh` reaches into a nested one."""
+    if name in batch:
+        return batch[name]
+    head, *keys = name.split(".")
+    if not keys or head not in batch:
         raise SourceError(field, f"no column {name!r} in the data (columns: {', '.join(batch)})")
-    return batch[name]
+    values = batch[head]
+    for key in keys:
+        values = [value.get(key) if isinstance(value, dict) else None for value in values]
+    return values
 
 
 def _alpaca_messages(batch: Batch) -> list[list[dict[str, str]]]:
