@@ -13,14 +13,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from chatflow.sampler import MixtureSampler, Position
 from chatflow.schedule import Schedule
 from chatflow.spec import ChatFlowRun, SpecError, load_run
+
+if TYPE_CHECKING:  # the data pipeline imports datasets and transformers: only when needed
+    from chatflow.data.store import PackedSource
+    from chatflow.plan import Survey
 
 DEFAULT_CACHE = Path(os.environ.get("CHATFLOW_CACHE_DIR", "~/.cache/chatflow")).expanduser()
 
@@ -41,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatflow", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(name: str, handler, help: str, run_file: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], summary: str, run_file: bool = True
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
         sub.set_defaults(command=handler)
         if run_file:
             sub.add_argument("-f", "--file", required=True, type=Path, help="ChatFlowRun manifest")
@@ -181,7 +188,9 @@ def _sample(args: argparse.Namespace) -> int:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _prepare(run: ChatFlowRun, args: argparse.Namespace, tokenizer=None) -> list:
+def _prepare(
+    run: ChatFlowRun, args: argparse.Namespace, tokenizer: Any = None
+) -> list[PackedSource]:
     from chatflow.data.pipeline import load_tokenizer, prepare_sources
 
     base_dir = args.file.parent
@@ -207,7 +216,7 @@ def _table_rows(schedule: Schedule, total: int, rows: int) -> list[dict]:
     ]
 
 
-def _print_schedule(run: ChatFlowRun, rows: list[dict], result) -> None:
+def _print_schedule(run: ChatFlowRun, rows: list[dict], result: Survey) -> None:
     sources = run.spec.source_names
     width = max(8, *(len(s) for s in sources))
     print(
