@@ -20,10 +20,11 @@ def test_valid_document_parses_with_defaults() -> None:
 
 
 def test_total_samples_is_the_earliest_stop() -> None:
-    training = {"seqLength": 100, "globalBatchSize": 10, "maxTokens": 1050, "maxSteps": 5}
+    training = {"seqLength": 100, "globalBatchSize": 4, "maxTokens": 1050, "maxSteps": 5}
     assert parse_run(run_document(training=training)).spec.training.total_samples == 11
     training["maxSamples"] = 7
-    assert parse_run(run_document(training=training)).spec.training.total_samples == 7
+    spec = parse_run(run_document(training=training)).spec.training
+    assert (spec.total_samples, spec.total_steps) == (7, 1)
 
 
 def _set(document: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -64,6 +65,10 @@ BAD_INPUTS = [
     ("spec.schedule.unit", "steps", "spec.schedule.unit: got 'steps'"),
     ("spec.training.maxSamples", ..., "spec.training.maxSamples: set at least one of"),
     ("spec.training.seqLength", 4, "spec.training.seqLength: Input should be greater than or"),
+    ("spec.training.maxSamples", 4, "spec.training.maxSamples: the run is shorter than one"),
+    ("spec.training.microBatchSize", 3, "spec.training.globalBatchSize: must be a multiple of"),
+    ("spec.training.zeroStage", 4, "spec.training.zeroStage: got 4"),
+    ("spec.training.optimizer", {"lr": 0}, "spec.training.optimizer.lr: Input should be greater"),
     ("spec.model", ..., "spec.model: required field is missing"),
     ("kind", "PyTorchJob", "kind: got 'PyTorchJob'"),
     ("apiVersion", "chatflow.io/v1", "apiVersion: got 'chatflow.io/v1'"),

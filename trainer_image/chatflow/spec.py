@@ -252,18 +252,61 @@ class ScheduleSpec(_Spec):
 # --- training ----------------------------------------------------------------------------------
 
 
+class OptimizerSpec(_Spec):
+    """AdamW with linear warmup, then cosine decay to `minLr` at the end of the run."""
+
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(3e-5, ge=0, description="learning rate at the end of the run")
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this; 0: off")
+
+
+class CheckpointSpec(_Spec):
+    every_steps: int = Field(500, gt=0, description="save every N optimizer steps (and on SIGTERM)")
+    keep: int = Field(3, gt=0, description="how many of the newest checkpoints to keep")
+
+
+class EvalSpec(_Spec):
+    every_steps: int = Field(200, gt=0, description="evaluate held-out loss every N steps")
+    samples_per_source: int = Field(
+        8, ge=0, description="packed samples of each source held out of training for evaluation"
+    )
+
+
 class TrainingSpec(_Spec):
     seq_length: int = Field(2048, ge=8, description="tokens per training sample")
     global_batch_size: int = Field(512, gt=0, description="samples per optimizer step")
+    micro_batch_size: int = Field(
+        1, gt=0, description="samples per process per forward pass; accumulation fills the rest"
+    )
     max_samples: int | None = Field(None, gt=0, description="stop after this many samples")
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     seed: int = Field(0, ge=0, description="seeds the sampler, data order and model init")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="bf16 mixed precision, or fp32 (CPU without bf16 support)"
+    )
+    activation_checkpointing: bool = Field(False, description="recompute activations: less memory")
+    optimizer: OptimizerSpec = OptimizerSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    eval: EvalSpec = EvalSpec()
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="raw DeepSpeed config merged over the generated one (experts only)",
+    )
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus port; 0: off")
 
     @model_validator(mode="after")
     def _has_a_stop(self) -> TrainingSpec:
         if self.max_samples is None and self.max_tokens is None and self.max_steps is None:
             raise FieldError("maxSamples", "set at least one of maxSamples, maxTokens, maxSteps")
+        if self.total_samples < self.global_batch_size:
+            raise FieldError("maxSamples", "the run is shorter than one global batch")
+        if self.global_batch_size % self.micro_batch_size:
+            raise FieldError("globalBatchSize", "must be a multiple of microBatchSize")
         return self
 
     @property
@@ -275,6 +318,11 @@ class TrainingSpec(_Spec):
         if self.max_steps is not None:
             limits.append(self.max_steps * self.global_batch_size)
         return min(x for x in limits if x is not None)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps: whole global batches within `total_samples`."""
+        return self.total_samples // self.global_batch_size
 
 
 # --- the run -----------------------------------------------------------------------------------
