@@ -7,6 +7,7 @@ from the end of the previous document would teach nothing.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from chatflow.data.sources import SourceError
@@ -40,9 +41,9 @@ class Renderer:
         texts = [t for t in texts if t and t.strip()]
         if not texts:
             return []
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
         documents = []
-        for ids in encoded:
+        for ids in encoded["input_ids"]:
             tokens = self.prefix + ids + self.suffix
             mask = [1] * len(tokens)
             mask[0] = 0
@@ -83,12 +84,19 @@ class Renderer:
             spans.append(assistant_spans)
         if not texts:
             return []
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.tokenizer(
+            texts,
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_offsets_mapping=True,
+        )
         documents = []
         for ids, offsets, assistant in zip(
             encoded["input_ids"], encoded["offset_mapping"], spans, strict=True
         ):
-            mask = [int(any(a <= start < b for a, b in assistant)) for start, _ in offsets]
+            mask = [0] * len(offsets)
+            for a, b in assistant:  # a token is trained on if it starts in an assistant span
+                mask = [m | (a <= start < b) for m, (start, _) in zip(mask, offsets, strict=True)]
             documents.append((ids, mask))
         return documents
 
@@ -101,6 +109,7 @@ class Renderer:
         if not messages or any(not isinstance(m, dict) or "role" not in m for m in messages):
             raise SourceError("format", "messages must be a list of {role, content} mappings")
 
+        @functools.cache  # the whole conversation usually renders as its last assistant turn
         def render(upto: int, prompt: bool) -> str:
             return self.tokenizer.apply_chat_template(
                 messages[:upto],
