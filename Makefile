@@ -4,22 +4,27 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
 TINY := manifests/examples/tiny.yaml
+DEEPSPEED_BUILD_DEPS := setuptools wheel packaging psutil ninja py-cpuinfo hjson msgpack einops
 
 .PHONY: setup run test lint
 
 setup: $(VENV)/.installed
 
 # uv resolves and installs the multi-GB torch stack in seconds and caches it in ~/.cache/uv.
+# DeepSpeed ships as a source distribution whose setup imports torch: torch and its build tools go
+# in first, then DeepSpeed builds against them (DS_BUILD_OPS=0: no C++ ops compiled).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python torch==2.15.0 $(DEEPSPEED_BUILD_DEPS)
+	DS_BUILD_OPS=0 $(BIN)/uv pip install --quiet --python $(BIN)/python \
+		--no-build-isolation-package deepspeed -e '.[dev]'
 	touch $@
 
 run: setup
 	$(BIN)/chatflow example tiny --dest manifests/examples/tiny-assets
 	$(BIN)/chatflow schedule -f $(TINY) --png runs/tiny/schedule.png
-	$(BIN)/chatflow sample -f $(TINY) --count 16 --decode
+	$(BIN)/chatflow train -f $(TINY) --output runs/tiny
 
 lint: setup
 	$(BIN)/ruff check .

@@ -286,9 +286,9 @@ def test_the_bundled_example_with_its_extended_vocabulary(tiny_example: Path, ca
 
     run = load_run(tiny_example)
     base = tiny_example.parent
-    tokenizer = load_tokenizer(run.spec, base)
+    tokenizer, new_tokens = load_tokenizer(run.spec, base)
     added = read_tokens_file(base / run.spec.model.extend_vocab.tokens_file)
-    assert len(tokenizer) == 32000 + len(added)
+    assert len(tokenizer) == 32000 + len(added) == 32000 + len(new_tokens)
     packed = {p.name: p for p in prepare_sources(run.spec, base, cache_dir, tokenizer)}
     # Chinese text now uses the added characters as single tokens.
     assert (packed["zh-web"].input_ids >= 32000).mean() > 0.03

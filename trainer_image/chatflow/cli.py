@@ -3,6 +3,7 @@
     chatflow example tiny            build the bundled tiny example's assets (offline)
     chatflow schedule -f RUN.yaml    the planned mixture over the run, with warnings
     chatflow sample -f RUN.yaml      which source each global sample index comes from
+    chatflow train -f RUN.yaml       train on this machine (torchrun, one process per device)
 
 Errors in the input are one line each, naming the field, with exit status 2.
 """
@@ -82,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         "--no-data", action="store_true", help="skip reading the data (no exhaustion warnings)"
     )
 
+    train = command("train", _train, "train on this machine: torchrun, one process per device")
+    train.add_argument(
+        "--nproc", type=int, default=0, help="processes (default: one per GPU, else 2 on CPU)"
+    )
+    train.add_argument("--output", type=Path, help="checkpoints and final model (runs/<name>)")
+    train.add_argument(
+        "--log-samples", action="store_true", help="record each rank's global sample indices"
+    )
+
     sample = command("sample", _sample, "show the source of each global sample index")
     sample.add_argument("--start", type=int, default=0, help="first global sample index")
     sample.add_argument("--count", type=int, default=20, help="how many samples")
@@ -148,6 +158,17 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from chatflow.train.launch import launch
+
+    run = load_run(args.file)
+    processes = args.nproc or torch.cuda.device_count() or 2
+    output = args.output or Path("runs") / run.metadata.name
+    return launch(args.file, run, output, args.cache_dir, processes, args.log_samples)
+
+
 def _sample(args: argparse.Namespace) -> int:
     if args.start < 0 or args.count <= 0:
         raise SpecError("--start must be >= 0 and --count > 0")
@@ -164,7 +185,7 @@ def _sample(args: argparse.Namespace) -> int:
         from chatflow.data.mixture import Mixture
         from chatflow.data.pipeline import load_tokenizer
 
-        tokenizer = load_tokenizer(run.spec, args.file.parent)
+        tokenizer, _ = load_tokenizer(run.spec, args.file.parent)
         mixture = Mixture(sampler, _prepare(run, args, tokenizer))
         for record, source in zip(records, plan.sources, strict=True):
             sample = mixture.sample(record["index"], int(source), record["ordinal"])
@@ -194,7 +215,7 @@ def _prepare(
     from chatflow.data.pipeline import load_tokenizer, prepare_sources
 
     base_dir = args.file.parent
-    tokenizer = tokenizer or load_tokenizer(run.spec, base_dir)
+    tokenizer = tokenizer or load_tokenizer(run.spec, base_dir)[0]
     return prepare_sources(run.spec, base_dir, args.cache_dir, tokenizer)
 
 

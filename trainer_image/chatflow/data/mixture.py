@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chatflow.data.store import PackedSource, SourceExhausted
+from chatflow.data.store import IGNORE_INDEX, PackedSource, SourceExhausted
 from chatflow.sampler import MixtureSampler, Position
 
-IGNORE_INDEX = -100  # the label value Hugging Face causal-LM losses skip
+__all__ = ["IGNORE_INDEX", "Mixture", "Sample", "Tally"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,7 @@ class Mixture:
             block = packed.block_of(ordinal)
         except SourceExhausted as e:
             raise SourceExhausted(f"{e} (at global sample {index})") from None
-        ids = packed.input_ids[block].astype(np.int64)
-        labels = np.where(packed.loss_mask[block] > 0, ids, IGNORE_INDEX)
-        return Sample(index, source, ordinal, block, ids, labels, int(packed.lengths[block]))
+        return Sample(index, source, ordinal, block, *packed.example(block))
 
     def samples(
         self, position: Position, consumer: int = 0, consumers: int = 1

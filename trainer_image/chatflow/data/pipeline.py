@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatflow.data.mixture import Mixture
 from chatflow.data.sources import SourceError, first_line, local_path
@@ -12,6 +12,9 @@ from chatflow.sampler import MixtureSampler
 from chatflow.schedule import Schedule
 from chatflow.spec import ChatFlowRunSpec, SpecError
 
+if TYPE_CHECKING:
+    from chatflow.vocab import NewToken
+
 
 def resolve(path: str, base_dir: Path) -> str:
     """A model or tokenizer path: a local directory if it exists, else a hub id."""
@@ -19,8 +22,8 @@ def resolve(path: str, base_dir: Path) -> str:
     return str(candidate) if candidate.exists() else path
 
 
-def load_tokenizer(spec: ChatFlowRunSpec, base_dir: Path) -> Any:
-    """The run's tokenizer, with `model.extendVocab` tokens added."""
+def load_tokenizer(spec: ChatFlowRunSpec, base_dir: Path) -> tuple[Any, list[NewToken]]:
+    """The run's tokenizer with `model.extendVocab` tokens added, and the tokens it added."""
     from transformers import AutoTokenizer
 
     name = spec.model.tokenizer or spec.model.base
@@ -29,12 +32,12 @@ def load_tokenizer(spec: ChatFlowRunSpec, base_dir: Path) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(resolve(name, base_dir))
     except Exception as e:
         raise SpecError(f"{field}: cannot load tokenizer {name!r}: {first_line(e)}") from None
-    if spec.model.extend_vocab is not None:
-        from chatflow.vocab import extend_tokenizer, read_tokens_file
+    if spec.model.extend_vocab is None:
+        return tokenizer, []
+    from chatflow.vocab import extend_tokenizer, read_tokens_file
 
-        tokens_file = resolve(spec.model.extend_vocab.tokens_file, base_dir)
-        extend_tokenizer(tokenizer, read_tokens_file(tokens_file))
-    return tokenizer
+    tokens_file = resolve(spec.model.extend_vocab.tokens_file, base_dir)
+    return tokenizer, extend_tokenizer(tokenizer, read_tokens_file(tokens_file))
 
 
 def prepare_sources(
@@ -52,10 +55,16 @@ def prepare_sources(
                     tokenizer,
                     spec.training.seq_length,
                     spec.training.seed,
+                    held_out=spec.training.eval.samples_per_source,
                 )
             )
         except SourceError as e:
             raise SpecError(f"spec.data.sources[{i}].{e.field}: {e.message}") from None
+        if packed[-1].num_blocks == 0:
+            raise SpecError(
+                f"spec.data.sources[{i}].path: {len(packed[-1].lengths)} packed samples are not "
+                "enough to hold out training.eval.samplesPerSource and still train"
+            )
     return packed
 
 

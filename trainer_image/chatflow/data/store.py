@@ -9,8 +9,9 @@ Layout of one cache entry, `<cache>/<source>-<fingerprint>/`:
 An entry is built in a temporary directory and renamed into place, so a preparation that was killed
 half-way is never read. A lock file lets concurrent ranks on one node build it once.
 
-The source's k-th sample is block perm_e[k mod B] of epoch e = k div B, where perm_e is a
-permutation seeded by (seed, source, epoch): every epoch visits every block once, in a new order,
+The last `held_out` blocks are kept out of training for held-out evaluation. The source's k-th
+training sample is block perm_e[k mod B] of epoch e = k div B (B: training blocks), where perm_e is
+a permutation seeded by (seed, source, epoch): every epoch visits every block once, in a new order,
 and any rank can find any ordinal without reading the others.
 """
 
@@ -37,6 +38,7 @@ from chatflow.data.sources import SourceError, load_records, local_files
 from chatflow.spec import SourceSpec
 
 FORMAT_VERSION = 1
+IGNORE_INDEX = -100  # the label value Hugging Face causal-LM losses skip
 RECORDS_PER_BATCH = 1000
 
 
@@ -52,10 +54,13 @@ class PackedSource:
     documents: int
     max_epochs: float | None
     seed: int
+    held_out: int = 0
     _permutations: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, directory: Path, max_epochs: float | None, seed: int) -> PackedSource:
+    def open(
+        cls, directory: Path, max_epochs: float | None, seed: int, held_out: int = 0
+    ) -> PackedSource:
         meta = json.loads((directory / "meta.json").read_text())
         return cls(
             name=meta["source"],
@@ -64,7 +69,15 @@ class PackedSource:
             documents=meta["documents"],
             max_epochs=max_epochs,
             seed=seed,
+            held_out=held_out,
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle (to dataloader workers) without the memory maps: each process maps its own."""
+        state = self.__dict__.copy()
+        for name in ("input_ids", "loss_mask", "lengths"):
+            state.pop(name, None)
+        return state
 
     @cached_property
     def input_ids(self) -> np.ndarray:
@@ -80,11 +93,17 @@ class PackedSource:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.lengths)
+        """Training blocks: one epoch."""
+        return max(len(self.lengths) - self.held_out, 0)
+
+    @property
+    def held_out_blocks(self) -> range:
+        return range(self.num_blocks, len(self.lengths))
 
     @property
     def tokens(self) -> int:
-        return int(self.lengths.sum())
+        """Real tokens in one epoch of training blocks."""
+        return int(self.lengths[: self.num_blocks].sum())
 
     def _array(self, name: str, dtype: type, ndim: int) -> np.ndarray:
         path = self.directory / name
@@ -92,6 +111,12 @@ class PackedSource:
             return np.zeros((0, self.seq_length) if ndim == 2 else (0,), dtype=dtype)
         data = np.memmap(path, dtype=dtype, mode="r")
         return data.reshape(-1, self.seq_length) if ndim == 2 else data
+
+    def example(self, block: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Block `block` as (input ids, labels with IGNORE_INDEX where not trained, real tokens)."""
+        ids = self.input_ids[block].astype(np.int64)
+        labels = np.where(self.loss_mask[block] > 0, ids, IGNORE_INDEX)
+        return ids, labels, int(self.lengths[block])
 
     def block_of(self, ordinal: int) -> int:
         """Which block the source's `ordinal`-th sample is."""
@@ -140,6 +165,7 @@ def prepare_source(
     tokenizer: Any,
     seq_length: int,
     seed: int,
+    held_out: int = 0,
 ) -> PackedSource:
     """Tokenize and pack a source into the cache, unless an identical entry exists; open it."""
     key = fingerprint(source, base_dir, tokenizer, seq_length)
@@ -149,7 +175,7 @@ def prepare_source(
         with _locked(cache_dir / f".{directory.name}.lock"):
             if not (directory / "meta.json").exists():
                 _build(source, base_dir, directory, tokenizer, seq_length)
-    return PackedSource.open(directory, source.max_epochs, seed)
+    return PackedSource.open(directory, source.max_epochs, seed, held_out)
 
 
 @contextmanager
