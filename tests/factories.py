@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 SOURCES = [
     {"name": "en-web", "kind": "pretrain", "language": "en", "path": "data/en.jsonl"},
@@ -39,3 +42,20 @@ def run_document(**spec: Any) -> dict[str, Any]:
     }
     document["spec"].update(copy.deepcopy(spec))
     return document
+
+
+def tiny_manifest(tiny_example: Path, dest: Path, **spec: Any) -> Path:
+    """The tiny example with absolute paths (so it can live anywhere), `spec` sections merged in."""
+    document = yaml.safe_load(tiny_example.read_text())
+    for section, values in spec.items():
+        document["spec"][section] |= values
+    base = tiny_example.parent
+    for source in document["spec"]["data"]["sources"]:
+        if (base / source["path"]).exists():  # not hub ids
+            source["path"] = str(base / source["path"])
+    model = document["spec"]["model"]
+    model["base"], model["tokenizer"] = str(base / model["base"]), str(base / model["tokenizer"])
+    model["extendVocab"]["tokensFile"] = str(base / model["extendVocab"]["tokensFile"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(document, allow_unicode=True))
+    return dest

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from chatflow.cli import main
+from factories import tiny_manifest
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -75,16 +76,10 @@ def test_schedule_warns_before_a_source_runs_out(
     capsys, tiny_example: Path, cache_dir: Path, tmp_path
 ) -> None:
     document = yaml.safe_load(tiny_example.read_text())
-    for source in document["spec"]["data"]["sources"]:
-        source["path"] = str(tiny_example.parent / source["path"])
-        if source["name"] == "zh-en":
-            source["maxEpochs"] = 0.01
-    for key in ("base", "tokenizer"):
-        document["spec"]["model"][key] = str(tiny_example.parent / document["spec"]["model"][key])
-    vocab = document["spec"]["model"]["extendVocab"]
-    vocab["tokensFile"] = str(tiny_example.parent / vocab["tokensFile"])
-    manifest = tmp_path / "run.yaml"
-    manifest.write_text(yaml.safe_dump(document))
+    sources = document["spec"]["data"]["sources"]
+    for source in sources:
+        source["maxEpochs"] = 0.01 if source["name"] == "zh-en" else None
+    manifest = tiny_manifest(tiny_example, tmp_path / "run.yaml", data={"sources": sources})
     code, out, err = run(
         capsys, "schedule", "-f", str(manifest), "--cache-dir", str(cache_dir), "--json"
     )

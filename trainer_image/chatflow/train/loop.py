@@ -143,24 +143,33 @@ def train(
         lr = lr_at(step, training.optimizer, total_steps)
         k = len(names)
         local = torch.zeros(2 * k + 2, dtype=torch.float64)  # loss, per-source samples/tokens, stop
-        for _ in range(accumulation):
-            batch = next(batches)
+        indices: list[int] = []
+        micro_batches = [next(batches) for _ in range(accumulation)]
+        # The loss is a mean over the global batch's target tokens, not a mean of micro-batch
+        # means: the gradient then does not depend on how samples are grouped into micro-batches
+        # and ranks, so a run resumed on another number of processes follows the same curve.
+        targets = sum(int((b["labels"][:, 1:] >= 0).sum()) for b in micro_batches)
+        global_targets = distributed.all_sum(torch.tensor([targets]))[0].to(place.device)
+        for batch in micro_batches:
             loss = engine(
                 input_ids=batch["input_ids"].to(place.device),
                 labels=batch["labels"].to(place.device),
+                num_items_in_batch=global_targets,
             ).loss
-            engine.backward(loss)
+            # DeepSpeed divides by the accumulation steps and averages over ranks: undo both.
+            engine.backward(loss * accumulation * place.world_size)
             engine.step()
-            local[0] += loss.item() / accumulation
+            local[0] += loss.item()
             local[1 : k + 1] += torch.bincount(batch["source"], minlength=k)
             local[k + 1 : 2 * k + 1] += torch.bincount(
                 batch["source"], weights=batch["tokens"].double(), minlength=k
             )
-            if sample_log:
-                sample_log.write(step, batch["index"].tolist())
+            indices += batch["index"].tolist()
         local[-1] = float(preempted.requested)
         total = distributed.all_sum(local)
         step += 1
+        if sample_log:
+            sample_log.write(step, indices)
         step_samples = total[1 : k + 1].numpy().astype(np.int64)
         step_tokens = total[k + 1 : 2 * k + 1].numpy().astype(np.int64)
         before, position = position, mixture.sampler.advance(position, training.global_batch_size)
@@ -168,7 +177,7 @@ def train(
             raise RuntimeError("the step's samples differ from the sampler's plan")  # a bug
         tokens_seen += step_tokens
         seconds = time.perf_counter() - started
-        loss_value = float(total[0]) / place.world_size
+        loss_value = float(total[0])
 
         if place.is_main:
             progress_units = schedule.progress(position.next_sample)

@@ -1,0 +1,344 @@
+"""The trainer for real: `chatflow train` -> torchrun -> DeepSpeed on CPU, 2 processes (gloo).
+
+One uninterrupted run is the reference; interrupted and resumed runs must reproduce its loss curve
+and its global sample sequence. fp32 keeps the comparison exact (bf16 would add rounding noise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from factories import tiny_manifest
+
+CHATFLOW = str(Path(sys.executable).parent / "chatflow")
+TRAINING = {
+    "seqLength": 32,
+    "globalBatchSize": 8,
+    "microBatchSize": 2,
+    "maxSteps": 30,
+    "seed": 0,
+    "zeroStage": 2,
+    "precision": "fp32",
+    "optimizer": {"lr": 3e-3, "minLr": 3e-4, "warmupSteps": 2},
+    "checkpoint": {"everySteps": 4, "keep": 2},
+    "eval": {"everySteps": 10, "samplesPerSource": 2},
+    "metricsPort": 0,
+}
+SCHEDULE = {"growth": 120}
+
+
+@dataclass
+class Run:
+    output: Path
+    process: subprocess.Popen
+    log: Path
+
+    def wait(self, timeout: float = 600) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def signal(self, signum: int) -> None:
+        """Signal torchrun and its workers at once, as a node shutting down does."""
+        os.killpg(self.process.pid, signum)
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if max(losses(self.output), default=0) >= step:
+                return
+            assert self.process.poll() is None, self.stderr()
+            time.sleep(0.05)
+        raise TimeoutError(f"step {step} not reached")
+
+
+def start(manifest: Path, output: Path, cache: Path, processes: int = 2) -> Run:
+    output.mkdir(parents=True, exist_ok=True)
+    log = output.parent / f"{output.name}-{time.monotonic_ns()}.log"
+    command = [CHATFLOW, "train", "-f", str(manifest), "--output", str(output)]
+    command += ["--cache-dir", str(cache), "--nproc", str(processes), "--log-samples"]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            command, stdout=stderr, stderr=stderr, start_new_session=True, env=_env()
+        )
+    return Run(output, process, log)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def losses(output: Path) -> dict[int, float]:
+    """Loss per step from rank 0's history (a step redone after a crash: its last record)."""
+    history = output / "history.jsonl"
+    if not history.exists():
+        return {}
+    records = [json.loads(line) for line in history.read_text().splitlines() if line]
+    return {r["step"]: r["loss"] for r in records if r["event"] == "step"}
+
+
+def samples(output: Path) -> dict[int, list[int]]:
+    """The global sample indices trained on at each step, over all ranks.
+
+    A rank's step redone after a crash replaces its first try.
+    """
+    merged: dict[int, list[int]] = {}
+    for path in sorted((output / "samples").glob("rank-*.jsonl")):
+        steps = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps[record["step"]] = record["indices"]
+        for step, indices in steps.items():
+            merged.setdefault(step, []).extend(indices)
+    return {step: sorted(indices) for step, indices in merged.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, list]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+@pytest.fixture(scope="module")
+def manifests(tiny_example: Path, tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("manifests")
+
+    def make(name: str, **training) -> Path:
+        return tiny_manifest(
+            tiny_example,
+            directory / f"{name}.yaml",
+            training=TRAINING | training,
+            schedule=SCHEDULE,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(manifests, tmp_path_factory, cache_dir: Path) -> tuple[Path, dict[str, list]]:
+    """An uninterrupted run, and its metrics scraped while it ran."""
+    port = free_port()
+    run = start(
+        manifests("reference", metricsPort=port), tmp_path_factory.mktemp("ref") / "out", cache_dir
+    )
+    run.wait_for_step(12)
+    scraped = scrape(port)
+    assert run.wait() == 0, run.stderr()
+    return run.output, scraped
+
+
+def test_loss_decreases_with_zero2_on_two_processes(reference) -> None:
+    curve = losses(reference[0])
+    assert sorted(curve) == list(range(1, 31))
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (28, 29, 30)) / 3
+    assert last < first - 1.0, curve
+
+
+def test_every_step_trains_on_exactly_its_global_batch(reference) -> None:
+    steps = samples(reference[0])
+    assert [steps[s] for s in range(1, 31)] == [
+        list(range(8 * (s - 1), 8 * s)) for s in range(1, 31)
+    ]
+
+
+def test_metrics_during_the_run(reference) -> None:
+    _, metrics = reference
+    values = {
+        name: {tuple(sorted(s.labels.items())): s.value for s in ss} for name, ss in metrics.items()
+    }
+    sources = ("en-web", "zh-web", "zh-en", "sft", "chat")
+    for family in (
+        "chatflow_schedule_progress_ratio",
+        "chatflow_schedule_phase",
+        "chatflow_schedule_phase_info",
+        "chatflow_mixture_target_ratio",
+        "chatflow_mixture_realised_ratio",
+        "chatflow_source_samples",
+        "chatflow_source_tokens",
+        "chatflow_source_epochs",
+        "chatflow_samples",
+        "chatflow_tokens",
+        "chatflow_step",
+        "chatflow_loss",
+        "chatflow_learning_rate",
+        "chatflow_grad_norm",
+        "chatflow_samples_per_second",
+        "chatflow_tokens_per_second",
+        "chatflow_checkpoints",
+        "chatflow_checkpoint_duration_seconds",
+        "chatflow_heldout_loss",
+        "chatflow_heldout_perplexity",
+    ):
+        assert family in metrics, family
+    step = next(iter(values["chatflow_step"].values()))
+    assert step >= 12
+    samples_total = next(iter(values["chatflow_samples"].values()))
+    per_source = {dict(k)["source"]: v for k, v in values["chatflow_source_samples"].items()}
+    assert set(per_source) == set(sources)
+    assert sum(per_source.values()) == samples_total >= 8 * step
+    tokens_total = next(iter(values["chatflow_tokens"].values()))
+    assert sum(v for k, v in values["chatflow_source_tokens"].items()) == tokens_total > 0
+    assert sum(values["chatflow_mixture_target_ratio"].values()) == pytest.approx(1.0)
+    assert 0 < next(iter(values["chatflow_schedule_progress_ratio"].values())) <= 1
+    assert all(0 < v < 20 for v in values["chatflow_heldout_loss"].values())
+    assert next(iter(values["chatflow_tokens_per_second"].values())) > 0
+
+
+def test_final_model_loads_with_from_pretrained_and_generates(reference) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = reference[0] / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.vocab_size == len(tokenizer) == 32000 + 2000  # the extended vocabulary
+    prompt = tokenizer("中国", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**prompt, min_new_tokens=5, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+
+
+def test_sigterm_checkpoints_and_resume_reproduces_the_run(
+    reference, manifests, tmp_path, cache_dir
+):
+    manifest = manifests("sigterm")
+    run = start(manifest, tmp_path / "out", cache_dir)
+    run.wait_for_step(6)
+    run.signal(signal.SIGTERM)
+    assert run.wait() != 0  # preempted: the job must restart it, not count it done
+    stopped = max(losses(run.output))
+    assert stopped < 30
+    assert (run.output / "checkpoints" / f"step-{stopped:08d}" / "trainer.json").exists()
+    resumed = start(manifest, run.output, cache_dir)
+    assert resumed.wait() == 0, resumed.stderr()
+    assert losses(run.output) == losses(reference[0])
+    assert samples(run.output) == samples(reference[0])
+
+
+def test_sigkill_leaves_no_usable_partial_checkpoint(reference, manifests, tmp_path, cache_dir):
+    manifest = manifests("sigkill")
+    run = start(manifest, tmp_path / "out", cache_dir)
+    run.wait_for_step(10)
+    run.signal(signal.SIGKILL)
+    run.wait()
+    checkpoints = run.output / "checkpoints"
+    # What a kill in the middle of a save leaves: shards without the trainer state.
+    (checkpoints / ".incomplete" / "step-00000099").mkdir(parents=True)
+    (checkpoints / "step-00000098").mkdir()
+    resumed = start(manifest, run.output, cache_dir)
+    assert resumed.wait() == 0, resumed.stderr()
+    assert "resumed" in resumed.stderr()
+    assert losses(run.output) == losses(reference[0])
+    assert samples(run.output) == samples(reference[0])
+
+
+def test_resume_on_one_process_continues_the_sequence(reference, manifests, tmp_path, cache_dir):
+    manifest = manifests("shrink")
+    run = start(manifest, tmp_path / "out", cache_dir, processes=2)
+    run.wait_for_step(6)
+    run.signal(signal.SIGTERM)
+    run.wait()
+    resumed = start(manifest, run.output, cache_dir, processes=1)
+    assert resumed.wait() == 0, resumed.stderr()
+    assert samples(run.output) == samples(reference[0])
+    # The same samples and the same gradients, summed in another order: equal to rounding.
+    got, expected = losses(run.output), losses(reference[0])
+    assert sorted(got) == sorted(expected)
+    for step in expected:
+        assert math.isclose(got[step], expected[step], rel_tol=1e-4), step
+
+
+def test_zero3_trains_and_saves_a_loadable_model(manifests, tmp_path, cache_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    run = start(manifests("zero3", zeroStage=3, maxSteps=12), tmp_path / "out", cache_dir)
+    assert run.wait() == 0, run.stderr()
+    curve = losses(run.output)
+    assert curve[12] < curve[1] - 0.5, curve
+    assert AutoModelForCausalLM.from_pretrained(run.output / "model").config.vocab_size == 34000
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {
+                "data": {
+                    "sources": [
+                        {
+                            "name": "en-web",
+                            "kind": "pretrain",
+                            "language": "en",
+                            "path": "no-such-org/no-such-corpus",
+                        }
+                    ]
+                },
+                "schedule": {"start": {"en-web": 1}, "end": {"en-web": 1}},
+            },
+            "chatflow: error: spec.data.sources[0].path: cannot load 'no-such-org/no-such-corpus'",
+        ),
+        (
+            {"training": TRAINING | {"deepspeed": {"zero_optimization": {"stage3_bogus": 1}}}},
+            "chatflow: error: spec.training.deepspeed: stage3_bogus: Extra inputs are not",
+        ),
+        ({"output": "not-a-directory"}, "chatflow: error: --output: cannot write to"),
+    ],
+    ids=["unreachable dataset", "bad deepspeed option", "unwritable output"],
+)
+def test_bad_input_fails_in_one_line_and_keeps_checkpoints(
+    change, expected, reference, tiny_example, tmp_path, cache_dir
+) -> None:
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(reference[0] / "checkpoints", output / "checkpoints")
+    # Complete checkpoints; what an interrupted save left in .incomplete/ may be cleared.
+    before = {
+        p: p.read_bytes() for p in (output / "checkpoints").glob("step-*/**/*") if p.is_file()
+    }
+    if change.pop("output", None):
+        (tmp_path / "file").write_text("")
+        output = tmp_path / "file" / "out"
+    spec = {"training": TRAINING, "schedule": SCHEDULE} | change
+    manifest = tiny_manifest(tiny_example, tmp_path / "bad.yaml", **spec)
+    result = subprocess.run(
+        [
+            CHATFLOW,
+            "train",
+            "-f",
+            str(manifest),
+            "--output",
+            str(output),
+            "--cache-dir",
+            str(cache_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("chatflow:")]
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    checkpoints = tmp_path / "out" / "checkpoints"
+    after = {p: p.read_bytes() for p in checkpoints.glob("step-*/**/*") if p.is_file()}
+    assert after == before
