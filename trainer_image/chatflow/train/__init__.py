@@ -3,6 +3,7 @@
 Every process runs `python -m chatflow.train` under torchrun (`chatflow train` starts torchrun on
 this machine; a PyTorchJob pod runs torchrun itself).
 
+    launch.py            `chatflow train`: check the run, then start torchrun
     loop.py              the training loop that ties the others together
     distributed.py       process group, ranks, collective helpers
     deepspeed_config.py  the DeepSpeed config, generated from the spec's `training` section
