@@ -342,3 +342,29 @@ def test_bad_input_fails_in_one_line_and_keeps_checkpoints(
     checkpoints = tmp_path / "out" / "checkpoints"
     after = {p: p.read_bytes() for p in checkpoints.glob("step-*/**/*") if p.is_file()}
     assert after == before
+
+
+def test_runs_from_the_environment_a_pytorchjob_pod_gets(manifests, tmp_path, cache_dir) -> None:
+    """What a Kubeflow PyTorchJob's container does: bare torchrun, configured by PET_* variables.
+
+    RANK is the operator's node rank there; torchrun replaces it with each process's global rank.
+    """
+    environment = _env() | {
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "2",
+        "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+    }
+    manifest = manifests("pod", maxSteps=4)
+    command = [sys.executable, "-m", "torch.distributed.run", "-m", "chatflow.train"]
+    command += ["--file", str(manifest), "--output", str(tmp_path / "out")]
+    command += ["--cache-dir", str(cache_dir), "--log-samples"]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
+    assert result.returncode == 0, result.stderr
+    assert sorted((tmp_path / "out" / "samples").glob("rank-*.jsonl"))[-1].name == "rank-1.jsonl"
+    assert samples(tmp_path / "out")[4] == list(range(24, 32))
+    assert (tmp_path / "out" / "model" / "config.json").exists()
