@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from chatflow.data.mixture import IGNORE_INDEX, Mixture, Tally
+from chatflow.data.mixture import Mixture
 from chatflow.data.packing import Packer
 from chatflow.data.pipeline import build_mixture, prepare_sources
 from chatflow.data.render import Renderer
 from chatflow.data.sources import SourceError
-from chatflow.data.store import PackedSource, SourceExhausted, prepare_source
+from chatflow.data.store import IGNORE_INDEX, PackedSource, SourceExhausted, prepare_source
 from chatflow.sampler import Position
 from chatflow.spec import SourceSpec, SpecError, parse_run
 from factories import run_document
@@ -202,16 +202,17 @@ def tiny_run(tmp_path: Path, **schedule) -> tuple:
 def test_mixture_yields_labelled_samples_following_the_sampler(tmp_path, tokenizer) -> None:
     spec, base = tiny_run(tmp_path)
     mixture = build_mixture(spec, prepare_sources(spec, base, tmp_path / "cache", tokenizer))
-    tally = Tally.zeros(4)
+    counts, tokens = np.zeros(4, dtype=int), np.zeros(4, dtype=int)
     for sample in islice(mixture.samples(Position.start(4)), 400):
-        tally.add(sample)
+        counts[sample.source] += 1
+        tokens[sample.source] += sample.tokens
         assert sample.input_ids.shape == sample.labels.shape == (64,)
         trained = sample.labels != IGNORE_INDEX
         np.testing.assert_array_equal(sample.labels[trained], sample.input_ids[trained])
     expected = np.bincount(mixture.sampler.sources_of(0, 400), minlength=4)
-    np.testing.assert_array_equal(tally.samples, expected)
-    assert (tally.tokens <= tally.samples * 64).all()
-    assert tally.tokens[0] > 0.9 * tally.samples[0] * 64  # pretraining blocks are full but one
+    np.testing.assert_array_equal(counts, expected)
+    assert (tokens <= counts * 64).all()
+    assert tokens[0] > 0.9 * counts[0] * 64  # pretraining blocks are full but one
 
 
 def test_consumers_of_the_mixture_split_it_exactly(tmp_path, tokenizer) -> None:

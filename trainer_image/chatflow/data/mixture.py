@@ -7,10 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chatflow.data.store import IGNORE_INDEX, PackedSource, SourceExhausted
+from chatflow.data.store import PackedSource, SourceExhausted
 from chatflow.sampler import MixtureSampler, Position
-
-__all__ = ["IGNORE_INDEX", "Mixture", "Sample", "Tally"]
 
 
 @dataclass(frozen=True)
@@ -20,7 +18,7 @@ class Sample:
     ordinal: int  # how many samples its source had given before this one
     block: int  # which of the source's packed blocks
     input_ids: np.ndarray  # (seqLength,) int64
-    labels: np.ndarray  # (seqLength,) int64; IGNORE_INDEX where the mask is 0
+    labels: np.ndarray  # (seqLength,) int64; IGNORE_INDEX (-100) where the mask is 0
     tokens: int  # real (non-padding) tokens
 
 
@@ -47,23 +45,3 @@ class Mixture:
         """This consumer's share of the global sequence from `position` on (see MixtureSampler)."""
         for index, source, ordinal in self.sampler.stream(position, consumer, consumers):
             yield self.sample(index, source, ordinal)
-
-
-@dataclass
-class Tally:
-    """Samples and real tokens consumed per source."""
-
-    samples: np.ndarray
-    tokens: np.ndarray
-
-    @classmethod
-    def zeros(cls, num_sources: int) -> Tally:
-        return cls(np.zeros(num_sources, dtype=np.int64), np.zeros(num_sources, dtype=np.int64))
-
-    def add(self, sample: Sample) -> None:
-        self.samples[sample.source] += 1
-        self.tokens[sample.source] += sample.tokens
-
-    def fractions(self) -> np.ndarray:
-        total = self.samples.sum()
-        return self.samples / total if total else np.zeros_like(self.samples, dtype=np.float64)
