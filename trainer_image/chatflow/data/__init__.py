@@ -4,6 +4,6 @@ sources.py  load a source's records with Hugging Face `datasets` (hub, local fil
 render.py   records -> token documents with a loss mask (pretrain, parallel, instruction)
 packing.py  documents -> fixed-length blocks, document boundaries masked in the labels
 store.py    a source's packed blocks cached on disk, read by (epoch-shuffled) ordinal
-mixture.py  the sampler's (source, ordinal) decisions -> training samples, with accounting
+mixture.py  the sampler's (source, ordinal) decisions -> training samples
 pipeline.py load the tokenizer, prepare every source, assemble the mixture
 """
