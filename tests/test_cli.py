@@ -53,7 +53,7 @@ def test_at_json_prints_normalised_weights(capsys, tiny_example: Path) -> None:
 def test_schedule_table_usage_and_png(
     capsys, tiny_example: Path, cache_dir: Path, tmp_path
 ) -> None:
-    png = tmp_path / "schedule.png"
+    png = tmp_path / "new-dir" / "schedule.png"
     code, out, err = run(
         capsys,
         "schedule",

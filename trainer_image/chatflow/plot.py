@@ -45,5 +45,6 @@ def plot_schedule(
     )
     axes.legend(ncol=2, fontsize="small", loc="upper right")
     figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)
