@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -307,8 +308,6 @@ def test_zero3_trains_and_saves_a_loadable_model(manifests, tmp_path, cache_dir)
 def test_bad_input_fails_in_one_line_and_keeps_checkpoints(
     change, expected, reference, tiny_example, tmp_path, cache_dir
 ) -> None:
-    import shutil
-
     output = tmp_path / "out"
     shutil.copytree(reference[0] / "checkpoints", output / "checkpoints")
     # Complete checkpoints; what an interrupted save left in .incomplete/ may be cleared.

@@ -35,7 +35,7 @@ from chatflow.data.pipeline import build_mixture, load_tokenizer, prepare_source
 from chatflow.data.sources import first_line
 from chatflow.data.store import SourceExhausted
 from chatflow.sampler import Position
-from chatflow.spec import ChatFlowRun, SpecError, load_run
+from chatflow.spec import ChatFlowRun, SpecError, TrainingSpec, load_run
 from chatflow.train import distributed
 from chatflow.train.checkpoint import Checkpoints
 from chatflow.train.data import loader
@@ -267,7 +267,7 @@ def _load_model(run: ChatFlowRun, base_dir: Path, new_tokens: list) -> Any:
     return model
 
 
-def _engine(model: Any, config: dict[str, Any], training: Any) -> Any:
+def _engine(model: Any, config: dict[str, Any], training: TrainingSpec) -> Any:
     import deepspeed
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
