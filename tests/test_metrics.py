@@ -55,7 +55,7 @@ def record_everything(metrics: TrainerMetrics) -> None:
     metrics.step(
         7, 2.5, 3e-4, 1.5, samples_per_second=4.0, tokens_per_second=256.0, flops_per_token=1e6
     )
-    metrics.checkpoint(2.0)
+    metrics.checkpoint(10, 2.0)
     metrics.held_out({0: 2.0, 2: 3.0})
 
 
@@ -81,6 +81,7 @@ def test_every_family_is_served_with_bounded_labels() -> None:
         "chatflow_samples_per_second",
         "chatflow_tokens_per_second",
         "chatflow_mfu_ratio",
+        "chatflow_last_checkpoint_step",
     }
     source_counters = {"chatflow_source_samples", "chatflow_source_tokens"}
     run_counters = {"chatflow_samples", "chatflow_tokens", "chatflow_checkpoints"}
@@ -112,6 +113,7 @@ def test_every_family_is_served_with_bounded_labels() -> None:
     assert values(samples, "chatflow_source_samples_total")["en-web"] == 5
     assert values(samples, "chatflow_source_epochs")["en-web"] == 0.5
     assert values(samples, "chatflow_step") == {"": 7}
+    assert values(samples, "chatflow_last_checkpoint_step") == {"": 10}
     assert values(samples, "chatflow_loss") == {"": 2.5}
     assert values(samples, "chatflow_learning_rate") == {"": 3e-4}
     assert values(samples, "chatflow_grad_norm") == {"": 1.5}

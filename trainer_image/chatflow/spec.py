@@ -17,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from chatflow import __version__
+
 API_GROUP = "chatflow.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "ChatFlowRun"
@@ -47,9 +49,36 @@ class _Spec(BaseModel):
     )
 
 
+def cel(*rules: tuple[str, str, str]) -> ConfigDict:
+    """The CEL twins of a model validator's checks, as (field, rule, message).
+
+    The CRD generator copies them into the schema as `x-kubernetes-validations`, so the API server
+    rejects at admission what the validator rejects at load, naming the same field (`field` is
+    relative to the model; "" for the model itself). tests/test_admission.py applies every bad
+    manifest of tests/test_spec.py to a real API server to keep the two in step.
+    """
+    validations = [
+        {"rule": rule, "message": message} | ({"fieldPath": f".{field}"} if field else {})
+        for field, rule, message in rules
+    ]
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": validations})
+
+
+# Bounds on list and map sizes: the API server prices every CEL rule by the largest input the
+# schema allows and refuses rules whose worst case is too expensive.
+MAX_SOURCES = 64
+MAX_SCHEDULE_ENTRIES = 256
+
 Language = Annotated[str, Field(pattern=LANGUAGE_PATTERN, description="ISO 639 code, e.g. en, zh")]
 Weight = Annotated[float, Field(ge=0, description="relative weight, normalised to sum 1")]
-Weights = dict[str, Weight]
+Weights = Annotated[
+    dict[str, Weight],
+    Field(
+        max_length=MAX_SOURCES,
+        description="relative weight of each source, by name; normalised to sum 1",
+    ),
+]
+POSITIVE_WEIGHT = "needs at least one positive weight"
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -83,8 +112,63 @@ class ParallelFields(_Spec):
     target: str = Field(min_length=1, description="column with the target-language text")
 
 
+_PLACEHOLDER_LIST = ", ".join(f"'{{{p}}}'" for p in PARALLEL_PLACEHOLDERS)
+
+
 class SourceSpec(_Spec):
     """One corpus. `kind` decides how its records become training tokens."""
+
+    model_config = cel(
+        ("language", "self.kind == 'parallel' || has(self.language)", "required for this kind"),
+        (
+            "format",
+            "self.kind != 'instruction' || has(self.format)",
+            "required for kind instruction",
+        ),
+        (
+            "languages",
+            "self.kind != 'parallel' || has(self.languages)",
+            "required for kind parallel",
+        ),
+        ("fields", "self.kind != 'parallel' || has(self.fields)", "required for kind parallel"),
+        (
+            "language",
+            "self.kind != 'parallel' || !has(self.language)",
+            "only allowed for kind pretrain/instruction",
+        ),
+        (
+            "languages",
+            "self.kind == 'parallel' || !has(self.languages)",
+            "only allowed for kind parallel",
+        ),
+        (
+            "fields",
+            "self.kind == 'parallel' || !has(self.fields)",
+            "only allowed for kind parallel",
+        ),
+        (
+            "format",
+            "self.kind == 'instruction' || !has(self.format)",
+            "only allowed for kind instruction",
+        ),
+        (
+            "chatTemplate",
+            "self.kind == 'instruction' || !has(self.chatTemplate)",
+            "only allowed for kind instruction",
+        ),
+        (
+            "template",
+            "self.kind != 'parallel' || "
+            f"self.template.findAll('[{{][A-Za-z0-9_]*[}}]').all(p, p in [{_PLACEHOLDER_LIST}])",
+            "unknown placeholder; use " + ", ".join(f"{{{p}}}" for p in PARALLEL_PLACEHOLDERS),
+        ),
+        (
+            "template",
+            "self.kind != 'parallel' || "
+            "(self.template.contains('{source}') && self.template.contains('{target}'))",
+            "must contain {source} and {target}",
+        ),
+    )
 
     name: str = Field(pattern=NAME_PATTERN, max_length=63)
     kind: Literal["pretrain", "parallel", "instruction"]
@@ -107,6 +191,7 @@ class SourceSpec(_Spec):
     )
     template: str = Field(
         "{source}\n{target}",
+        max_length=1024,
         description="parallel: how one direction of a pair is rendered; placeholders "
         + ", ".join(f"{{{p}}}" for p in PARALLEL_PLACEHOLDERS),
     )
@@ -156,7 +241,12 @@ class SourceSpec(_Spec):
 
 
 class DataSpec(_Spec):
-    sources: list[SourceSpec] = Field(min_length=1)
+    sources: list[SourceSpec] = Field(
+        min_length=1,
+        max_length=MAX_SOURCES,
+        # A list keyed by name: the API server itself rejects a duplicate name.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataSpec:
@@ -171,7 +261,19 @@ class DataSpec(_Spec):
 # --- schedule ----------------------------------------------------------------------------------
 
 
+def _has_positive_weight(field: str) -> tuple[str, str, str]:
+    return (field, f"self.{field}.exists(k, self.{field}[k] > 0.0)", POSITIVE_WEIGHT)
+
+
+def _strictly_increasing(items: str, key: str) -> str:
+    """CEL: the `key` values present in list `items` are sorted and distinct."""
+    values = f"self.{items}.map(e, has(e.{key}), e.{key})"
+    return f"{values}.isSorted() && {values}.all(v, {values}.filter(w, w == v).size() == 1)"
+
+
 class Stage(_Spec):
+    model_config = cel(_has_positive_weight("weights"))
+
     name: str | None = Field(None, pattern=NAME_PATTERN, description="defaults to stage-<index>")
     until: int | None = Field(
         None, gt=0, description="progress at which the stage ends; unset on the last stage"
@@ -180,12 +282,51 @@ class Stage(_Spec):
 
 
 class Point(_Spec):
+    model_config = cel(_has_positive_weight("weights"))
+
     at: int = Field(ge=0, description="progress at which the mixture equals `weights`")
     weights: Weights
 
 
+_CURVE_FIELDS = {"growth": ("linear", "cosine"), "start": ("linear", "cosine")}
+_CURVE_FIELDS |= {"end": ("linear", "cosine"), "stages": ("stages",), "points": ("points",)}
+
+
 class ScheduleSpec(_Spec):
     """Target mixture as a function of progress (samples or tokens consumed)."""
+
+    model_config = cel(
+        *(
+            (
+                field,
+                f"!(self.curve in {list(curves)}) || has(self.{field})",
+                "required for this curve",
+            )
+            for field, curves in _CURVE_FIELDS.items()
+        ),
+        *(
+            (field, f"self.curve in {list(curves)} || !has(self.{field})", "not used by this curve")
+            for field, curves in _CURVE_FIELDS.items()
+        ),
+        ("start", "!has(self.start) || self.start.exists(k, self.start[k] > 0.0)", POSITIVE_WEIGHT),
+        ("end", "!has(self.end) || self.end.exists(k, self.end[k] > 0.0)", POSITIVE_WEIGHT),
+        (
+            "stages",
+            "!has(self.stages) || "
+            "self.stages.all(s, has(s.until) || s == self.stages[size(self.stages) - 1])",
+            "until is required on every stage but the last",
+        ),
+        (
+            "stages",
+            f"!has(self.stages) || ({_strictly_increasing('stages', 'until')})",
+            "until must increase from stage to stage",
+        ),
+        (
+            "points",
+            f"!has(self.points) || ({_strictly_increasing('points', 'at')})",
+            "at must increase from point to point",
+        ),
+    )
 
     curve: Literal["linear", "cosine", "stages", "points"] = Field(
         "linear",
@@ -201,28 +342,20 @@ class ScheduleSpec(_Spec):
     )
     start: Weights | None = None
     end: Weights | None = None
-    stages: list[Stage] | None = Field(None, min_length=1)
-    points: list[Point] | None = Field(None, min_length=1)
+    stages: list[Stage] | None = Field(None, min_length=1, max_length=MAX_SCHEDULE_ENTRIES)
+    points: list[Point] | None = Field(None, min_length=1, max_length=MAX_SCHEDULE_ENTRIES)
 
     @model_validator(mode="after")
     def _shape_of_curve(self) -> ScheduleSpec:
-        needs = {
-            "linear": ("growth", "start", "end"),
-            "cosine": ("growth", "start", "end"),
-            "stages": ("stages",),
-            "points": ("points",),
-        }
-        for name in needs[self.curve]:
-            if getattr(self, name) is None:
+        for name, curves in _CURVE_FIELDS.items():
+            if self.curve in curves and getattr(self, name) is None:
                 raise FieldError(name, f"required for curve {self.curve}")
-        for name in {n for names in needs.values() for n in names} - set(needs[self.curve]):
-            if getattr(self, name) is not None:
+        for name, curves in _CURVE_FIELDS.items():
+            if self.curve not in curves and getattr(self, name) is not None:
                 raise FieldError(name, f"not used by curve {self.curve}")
         for path, weights in self.weight_sets():
-            if weights and not any(weights.values()):
-                raise FieldError(path, "weights are all zero")
-            if not weights:
-                raise FieldError(path, "no weights given")
+            if not any(weights.values()):
+                raise FieldError(path, POSITIVE_WEIGHT)
         if self.stages:
             ends = [s.until for s in self.stages]
             if any(u is None for u in ends[:-1]):
@@ -276,6 +409,29 @@ class EvalSpec(_Spec):
 
 
 class TrainingSpec(_Spec):
+    model_config = cel(
+        (
+            "maxSamples",
+            "has(self.maxSamples) || has(self.maxTokens) || has(self.maxSteps)",
+            "set at least one of maxSamples, maxTokens, maxSteps",
+        ),
+        (
+            "maxSamples",
+            "!has(self.maxSamples) || self.maxSamples >= self.globalBatchSize",
+            "the run is shorter than one global batch",
+        ),
+        (
+            "maxTokens",
+            "!has(self.maxTokens) || self.maxTokens > (self.globalBatchSize - 1) * self.seqLength",
+            "the run is shorter than one global batch",
+        ),
+        (
+            "globalBatchSize",
+            "self.globalBatchSize % self.microBatchSize == 0",
+            "must be a multiple of microBatchSize",
+        ),
+    )
+
     seq_length: int = Field(2048, ge=8, description="tokens per training sample")
     global_batch_size: int = Field(512, gt=0, description="samples per optimizer step")
     micro_batch_size: int = Field(
@@ -303,8 +459,12 @@ class TrainingSpec(_Spec):
     def _has_a_stop(self) -> TrainingSpec:
         if self.max_samples is None and self.max_tokens is None and self.max_steps is None:
             raise FieldError("maxSamples", "set at least one of maxSamples, maxTokens, maxSteps")
-        if self.total_samples < self.global_batch_size:
+        if self.max_samples is not None and self.max_samples < self.global_batch_size:
             raise FieldError("maxSamples", "the run is shorter than one global batch")
+        if self.max_tokens is not None and self.max_tokens <= (
+            (self.global_batch_size - 1) * self.seq_length
+        ):
+            raise FieldError("maxTokens", "the run is shorter than one global batch")
         if self.global_batch_size % self.micro_batch_size:
             raise FieldError("globalBatchSize", "must be a multiple of microBatchSize")
         return self
@@ -325,14 +485,181 @@ class TrainingSpec(_Spec):
         return self.total_samples // self.global_batch_size
 
 
+# --- the cluster: what the operator needs to run the trainer as a PyTorchJob -------------------
+# The trainer ignores these; `chatflow train` runs locally without them. Field names and shapes
+# follow the core Kubernetes types they end up in, so they read as users expect.
+
+DEFAULT_IMAGE = f"ghcr.io/chatflow/trainer:{__version__}"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+Quantity = Annotated[int | str, Field(description="a Kubernetes quantity such as 8, 500m, 64Gi")]
+
+
+class Resources(_Spec):
+    """Per-node (per pod) CPU, memory and other resources; GPUs come from `gpusPerNode`."""
+
+    model_config = cel(
+        *(
+            (
+                kind,
+                f"!has(self.{kind}) || !('{GPU_RESOURCE}' in self.{kind})",
+                "set gpusPerNode instead",
+            )
+            for kind in ("requests", "limits")
+        )
+    )
+
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_gpus(self) -> Resources:
+        for kind in ("requests", "limits"):
+            if GPU_RESOURCE in getattr(self, kind):
+                raise FieldError(kind, "set gpusPerNode instead")
+        return self
+
+
+class Storage(_Spec):
+    """A PersistentVolumeClaim shared by all nodes (ReadWriteMany) for checkpoints and caches.
+
+    The run writes to `<mountPath>/runs/<run name>` (checkpoints, final model) and
+    `<mountPath>/cache` (packed data, shared between runs). Without it they live in an emptyDir
+    and a restarted job starts over.
+    """
+
+    claim_name: str = Field(pattern=NAME_PATTERN, max_length=253, description="the PVC's name")
+    mount_path: str = Field("/data", pattern=r"^/", description="where the pods mount it")
+
+
+class KeyRef(_Spec):
+    name: str = Field(min_length=1, description="the Secret's or ConfigMap's name")
+    key: str = Field(min_length=1)
+    optional: bool = False
+
+
+class EnvValueFrom(_Spec):
+    model_config = cel(
+        ("", "has(self.secretKeyRef) != has(self.configMapKeyRef)", "set exactly one reference")
+    )
+
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvValueFrom:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise FieldError("", "set exactly one reference")
+        return self
+
+
+class EnvVar(_Spec):
+    """An environment variable of the trainer, e.g. HF_TOKEN from a Secret."""
+
+    model_config = cel(("", "has(self.value) != has(self.valueFrom)", "set value or valueFrom"))
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)
+    value: str | None = None
+    value_from: EnvValueFrom | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVar:
+        if (self.value is None) == (self.value_from is None):
+            raise FieldError("", "set value or valueFrom")
+        return self
+
+
+class Toleration(_Spec):
+    model_config = cel(
+        ("value", "self.operator != 'Exists' || !has(self.value)", "not allowed with Exists")
+    )
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _value(self) -> Toleration:
+        if self.operator == "Exists" and self.value is not None:
+            raise FieldError("value", "not allowed with Exists")
+        return self
+
+
+class Scheduling(_Spec):
+    """Where the pods may run; passed to every pod of the job as written."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="a core/v1 Affinity, passed through unchecked",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = None
+
+
+class RunPolicy(_Spec):
+    """The PyTorchJob's run policy; changing it does not restart the run."""
+
+    backoff_limit: int | None = Field(
+        None, ge=0, description="job restarts (e.g. after preemption) before the run fails"
+    )
+    active_deadline_seconds: int | None = Field(
+        None, gt=0, description="fail the job after running this long"
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="delete the finished job's pods after this long"
+    )
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
 class ChatFlowRunSpec(_Spec):
+    model_config = cel(
+        *(
+            (
+                f"schedule.{field}",
+                f"!has(self.schedule.{field}) || "
+                f"self.schedule.{field}.all(k, self.data.sources.exists(s, s.name == k))",
+                "names a source that is not in data.sources",
+            )
+            for field in ("start", "end")
+        ),
+        *(
+            (
+                f"schedule.{field}",
+                f"!has(self.schedule.{field}) || self.schedule.{field}.all(e, "
+                "e.weights.all(k, self.data.sources.exists(s, s.name == k)))",
+                "names a source that is not in data.sources",
+            )
+            for field in ("stages", "points")
+        ),
+    )
+
     model: ModelSpec
     data: DataSpec
     schedule: ScheduleSpec
     training: TrainingSpec
+
+    suspend: bool = Field(
+        False, description="stop the job (a checkpoint is saved); unset it to resume"
+    )
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="the trainer image")
+    nodes: int = Field(1, ge=1, le=1024, description="pods: 1 master plus nodes-1 workers")
+    gpus_per_node: int = Field(
+        0, ge=0, le=64, description="GPUs (and trainer processes) per node; 0: one CPU process"
+    )
+    resources: Resources = Resources()
+    storage: Storage | None = None
+    env: list[EnvVar] = Field(default_factory=list)
+    scheduling: Scheduling = Scheduling()
+    queue_name: str | None = Field(
+        None, description="Kueue LocalQueue: Kueue admits (unsuspends) the job when it fits"
+    )
+    run_policy: RunPolicy = RunPolicy()
 
     @model_validator(mode="after")
     def _weights_name_sources(self) -> ChatFlowRunSpec:
@@ -351,17 +678,81 @@ class ChatFlowRunSpec(_Spec):
         return tuple(s.name for s in self.data.sources)
 
 
+# A run's job is named `<run>-<hash>`, and its pods `<job>-worker-<n>`: within a DNS label's 63.
+MAX_RUN_NAME = 45
+
+
+# --- status: written by the operator ------------------------------------------------------------
+
+Phase = Literal["Pending", "Running", "Suspended", "Restarting", "Succeeded", "Failed"]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+class Condition(_Spec):
+    """A Kubernetes condition; those of the job's are mirrored with their reasons."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: Timestamp | None = None
+    observed_generation: int | None = None
+
+
+class MixtureProgress(_Spec):
+    """Where the dynamic sampler is, read from rank 0's metrics while the job runs."""
+
+    fraction: float = Field(ge=0, le=1, description="share of the run's samples trained on")
+    schedule_fraction: float = Field(
+        ge=0, le=1, description="how far the mixture has moved through the schedule's changes"
+    )
+    schedule_phase: str | None = Field(None, description="current phase of the schedule")
+    step: int = Field(ge=0, description="optimizer steps completed")
+    samples: int = Field(ge=0, description="samples trained on")
+    tokens: int = Field(ge=0, description="tokens trained on")
+    target_weights: dict[str, float] = Field(
+        default_factory=dict, description="the schedule's current weight of each source"
+    )
+    last_checkpoint_step: int | None = Field(None, description="step of the newest checkpoint")
+    updated_at: Timestamp = Field(description="when the trainer's metrics were read")
+
+
+class ChatFlowRunStatus(_Spec):
+    phase: Phase = "Pending"
+    observed_generation: int | None = Field(
+        None, description="the generation of the spec this status describes"
+    )
+    job_name: str | None = Field(None, description="the PyTorchJob running this spec")
+    restarts: int = Field(0, ge=0, description="jobs replaced after restart-worthy spec changes")
+    start_time: Timestamp | None = None
+    completion_time: Timestamp | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    progress: MixtureProgress | None = None
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(pattern=NAME_PATTERN, max_length=63)
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_RUN_NAME)
     namespace: str | None = None
 
 
 class ChatFlowRun(_Spec):
+    model_config = cel(
+        (
+            "",  # a CRD may not point a fieldPath into metadata, so the message names the field
+            f"self.metadata.name.size() <= {MAX_RUN_NAME}",
+            f"metadata.name: at most {MAX_RUN_NAME} characters (the job's pods are named after it)",
+        )
+    )
+
     api_version: Literal["chatflow.io/v1alpha1"]
     kind: Literal["ChatFlowRun"]
     metadata: ObjectMeta
     spec: ChatFlowRunSpec
+    status: ChatFlowRunStatus | None = None
 
 
 # --- loading and errors ------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def train(
                 training.checkpoint.keep,
             )
             if place.is_main:
-                metrics.checkpoint(seconds)
+                metrics.checkpoint(step, seconds)
                 progress.message("checkpoint", step=step, seconds=round(seconds, 2))
         if stop:
             if place.is_main:

@@ -89,6 +89,9 @@ class TrainerMetrics:
         self._tokens_per_second = gauge("chatflow_tokens_per_second", "training throughput")
         self._mfu = gauge("chatflow_mfu_ratio", "model FLOPs utilisation: achieved / peak FLOP/s")
         self._checkpoints = counter("chatflow_checkpoints_total", "checkpoints saved")
+        self._checkpoint_step = gauge(
+            "chatflow_last_checkpoint_step", "optimizer step of the newest checkpoint"
+        )
         self._checkpoint_duration = Histogram(
             "chatflow_checkpoint_duration_seconds",
             "time to save a checkpoint",
@@ -176,9 +179,10 @@ class TrainerMetrics:
             mfu = flops_per_token * tokens_per_second / self.peak_flops
         self._set_or_clear(self._mfu, mfu)
 
-    def checkpoint(self, seconds: float) -> None:
-        """A checkpoint was saved in `seconds`."""
+    def checkpoint(self, step: int, seconds: float) -> None:
+        """A checkpoint of `step` was saved in `seconds`."""
         self._checkpoints.labels(self.run).inc()
+        self._checkpoint_step.labels(self.run).set(step)
         self._checkpoint_duration.labels(self.run).observe(seconds)
 
     def held_out(self, losses: Mapping[int, float]) -> None:

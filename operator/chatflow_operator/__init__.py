@@ -1,0 +1,1 @@
+"""The ChatFlow operator: reconciles ChatFlowRuns into Kubeflow PyTorchJobs running the trainer."""

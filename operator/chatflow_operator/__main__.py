@@ -1,0 +1,3 @@
+from chatflow_operator.cli import main
+
+raise SystemExit(main())

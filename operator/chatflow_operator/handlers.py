@@ -1,0 +1,94 @@
+"""The kopf handlers: thin triggers, each of which hands the run to the Reconciler.
+
+What triggers a reconcile of a run:
+- the run itself: created, changed (spec or labels), or found when the operator starts;
+- any event of one of its PyTorchJobs or ConfigMaps (status changes, deletion);
+- a timer while the job runs, which also reads the trainer's progress.
+
+kopf keeps its own bookkeeping in annotations, not in the status: the CRD's structural schema would
+prune an undeclared `status.kopf`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from chatflow.spec import API_GROUP
+from chatflow_operator import metrics, render
+from chatflow_operator.kube import Kube
+from chatflow_operator.reconcile import Reconciler
+
+RUNS = (API_GROUP, "v1alpha1", "chatflowruns")
+JOBS = ("kubeflow.org", "v1", "pytorchjobs")
+CONFIG_MAPS = ("v1", "configmaps")
+CHILD = {render.RUN_LABEL: kopf.PRESENT}
+# A failed reconcile (API server unavailable, a conflict) is retried after this long.
+RETRY_SECONDS = 5
+
+
+def post_event(run: dict[str, Any], type: str, reason: str, message: str) -> None:
+    kopf.event(run, type=type, reason=reason, message=message)
+
+
+def registry(progress_seconds: float) -> kopf.OperatorRegistry:
+    """All handlers, in a registry of their own so the CLI's options can shape them."""
+    registry = kopf.OperatorRegistry()
+
+    # The same credentials as our own client: in-cluster ServiceAccount, else kubeconfig.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=API_GROUP, key="last-handled-spec"
+        )
+        settings.persistence.finalizer = f"{API_GROUP}/progress-timer"
+        # Our own Events describe transitions; kopf's per-handler chatter stays in the log.
+        settings.posting.level = logging.WARNING
+        # Handlers are synchronous (blocking HTTP) and run in this pool; 200 runs created at once
+        # should not queue behind a handful of threads.
+        settings.execution.max_workers = 32
+        # Only our children: the API server filters the watch streams, not this process.
+        for resource in (JOBS, CONFIG_MAPS):
+            settings.watching.label_selectors[resource] = render.RUN_LABEL
+        memo.reconciler = Reconciler(Kube(), post_event)
+
+    @kopf.on.resume(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
+    @kopf.on.create(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
+    @kopf.on.update(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
+    def run_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        with metrics.reconciling("run"):
+            memo.reconciler.reconcile(dict(body))
+
+    def running(status: kopf.Status, **_: Any) -> bool:
+        return status.get("phase") == "Running"
+
+    # A timer holds a finalizer on the run while it matches, so only running runs carry one.
+    @kopf.timer(
+        *RUNS,
+        id="progress",
+        interval=progress_seconds,
+        backoff=RETRY_SECONDS,
+        when=running,
+        registry=registry,
+    )
+    def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        with metrics.reconciling("progress"):
+            memo.reconciler.reconcile(dict(body), scrape=True)
+
+    @kopf.on.event(*JOBS, labels=CHILD, registry=registry)
+    @kopf.on.event(*CONFIG_MAPS, labels=CHILD, registry=registry)
+    def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        with metrics.reconciling("child"):
+            memo.reconciler.reconcile_child(dict(body))
+
+    @kopf.on.event(*RUNS, registry=registry)
+    def count_phases(type: str, body: kopf.Body, **_: Any) -> None:
+        phase = None if type == "DELETED" else (body.get("status") or {}).get("phase", "Pending")
+        metrics.run_phase(body["metadata"]["uid"], phase)
+
+    return registry

@@ -1,0 +1,118 @@
+"""The few Kubernetes API calls the operator makes, as plain dicts in and out.
+
+One generic REST helper instead of the generated typed clients: every object the operator touches
+(runs, PyTorchJobs, ConfigMaps, pods) is handled the same way, as JSON, and nothing is converted
+into model classes and back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, config
+
+from chatflow.spec import API_GROUP
+
+
+@dataclass(frozen=True)
+class Resource:
+    api: str  # "/api/v1" or "/apis/<group>/<version>"
+    plural: str
+
+    def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+        path = f"{self.api}/namespaces/{namespace}/{self.plural}"
+        return "/".join(p for p in (path, name, subresource) if p)
+
+
+RUNS = Resource(f"/apis/{API_GROUP}/v1alpha1", "chatflowruns")
+JOBS = Resource("/apis/kubeflow.org/v1", "pytorchjobs")
+CONFIG_MAPS = Resource("/api/v1", "configmaps")
+PODS = Resource("/api/v1", "pods")
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, method: str, path: str, detail: str) -> None:
+        super().__init__(f"{method} {path}: {status} {detail}")
+        self.status = status
+
+
+class Conflict(ApiError):
+    """409: the object already exists (create) or changed under us."""
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        if api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api_client = client.ApiClient()
+        self.api_client = api_client
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        request = self.api_client.param_serialize(
+            method,
+            path,
+            query_params=list((query or {}).items()),
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request)
+        data = response.read()
+        if response.status >= 400:
+            try:
+                detail = json.loads(data).get("message", "")
+            except ValueError:
+                detail = data[:200].decode(errors="replace")
+            error = Conflict if response.status == 409 else ApiError
+            raise error(response.status, method, path, detail)
+        return json.loads(data or b"{}")
+
+    def get(self, resource: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", resource.path(namespace, name))
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(self, resource: Resource, namespace: str, selector: str) -> list[dict[str, Any]]:
+        found = self._call("GET", resource.path(namespace), query={"labelSelector": selector})
+        return found.get("items", [])
+
+    def create(self, resource: Resource, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", resource.path(body["metadata"]["namespace"]), body)
+
+    def patch(
+        self,
+        resource: Resource,
+        namespace: str,
+        name: str,
+        patch: dict[str, Any],
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        path = resource.path(namespace, name, subresource)
+        return self._call("PATCH", path, patch, content_type=MERGE_PATCH)
+
+    def delete(
+        self, resource: Resource, namespace: str, name: str, foreground: bool = False
+    ) -> None:
+        body = {"propagationPolicy": "Foreground" if foreground else "Background"}
+        try:
+            self._call("DELETE", resource.path(namespace, name), body)
+        except ApiError as e:
+            if e.status != 404:
+                raise

@@ -1,0 +1,60 @@
+"""The operator's own Prometheus metrics (its trainers export theirs).
+
+`chatflow_operator_reconciles_total{trigger}`, `chatflow_operator_reconcile_errors_total{trigger}`,
+`chatflow_operator_reconcile_duration_seconds{trigger}` and `chatflow_operator_runs{phase}`: the
+runs it watches, by phase. Triggers are `run` (spec or startup), `child` (a job or ConfigMap
+changed) and `progress` (the timer that reads a running trainer's metrics).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from chatflow.spec import Phase
+
+RECONCILES = Counter(
+    "chatflow_operator_reconciles_total", "reconcile passes, by trigger", ["trigger"]
+)
+ERRORS = Counter(
+    "chatflow_operator_reconcile_errors_total", "reconcile passes that failed", ["trigger"]
+)
+DURATION = Histogram(
+    "chatflow_operator_reconcile_duration_seconds", "time of one reconcile pass", ["trigger"]
+)
+RUNS = Gauge("chatflow_operator_runs", "ChatFlowRuns watched, by phase", ["phase"])
+
+_phases: dict[str, str] = {}
+_phases_lock = threading.Lock()
+
+
+@contextmanager
+def reconciling(trigger: str) -> Iterator[None]:
+    RECONCILES.labels(trigger).inc()
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        ERRORS.labels(trigger).inc()
+        raise
+    finally:
+        DURATION.labels(trigger).observe(time.perf_counter() - start)
+
+
+def run_phase(uid: str, phase: str | None) -> None:
+    """Record a run's phase (None: the run is gone) and recount the runs by phase."""
+    with _phases_lock:
+        if phase is None:
+            _phases.pop(uid, None)
+        else:
+            _phases[uid] = phase
+        for name in Phase.__args__:
+            RUNS.labels(name).set(sum(1 for p in _phases.values() if p == name))
+
+
+def serve(port: int) -> None:
+    start_http_server(port)

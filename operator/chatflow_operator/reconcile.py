@@ -1,0 +1,208 @@
+"""Bring one ChatFlowRun's children in line with its spec and write its status.
+
+Level-triggered: every call reads what exists and converges on what `render` says should, whatever
+triggered it (a spec change, a job's status change, a deleted child, the progress timer, an operator
+restart). Children have deterministic names, so a create that finds its child already there adopts
+it instead of making a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from chatflow.spec import ChatFlowRun, MixtureProgress
+from chatflow_operator import render, status
+from chatflow_operator.kube import CONFIG_MAPS, JOBS, PODS, RUNS, Conflict, Kube
+
+log = logging.getLogger(__name__)
+
+# (run, event type, reason, message): how the reconciler reports transitions.
+EventSink = Callable[[dict[str, Any], str, str, str], None]
+
+SCRAPE_TIMEOUT_SECONDS = 3
+
+
+class ChildConflict(Exception):
+    """A child of the expected name is controlled by another object."""
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _owned_by(child: dict[str, Any], run: dict[str, Any]) -> bool:
+    owners = child["metadata"].get("ownerReferences") or []
+    return any(o.get("uid") == run["metadata"]["uid"] and o.get("controller") for o in owners)
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, post_event: EventSink) -> None:
+        self.kube = kube
+        self.post_event = post_event
+        # Job events and the run's own handlers may reconcile one run at once from different
+        # threads; one at a time per run keeps each pass's read-then-write consistent.
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+    def reconcile_child(self, child: dict[str, Any]) -> dict[str, Any] | None:
+        """Reconcile the run a child belongs to, read afresh: the child's event may have raced
+        with another pass that has just written the run's status."""
+        meta = child["metadata"]
+        run_name = (meta.get("labels") or {}).get(render.RUN_LABEL)
+        if not run_name:
+            return None
+        with self._locks[meta["namespace"], run_name]:
+            run = self.kube.get(RUNS, meta["namespace"], run_name)
+            if run is None or run["metadata"].get("deletionTimestamp"):
+                return None  # the run is gone or going: garbage collection takes the children
+            return self._reconcile(run, scrape=False)
+
+    def reconcile(self, run: dict[str, Any], scrape: bool = False) -> dict[str, Any]:
+        """Converge and write the status; returns it. `scrape` reads the trainer's progress."""
+        with self._locks[run["metadata"]["namespace"], run["metadata"]["name"]]:
+            return self._reconcile(run, scrape)
+
+    def _reconcile(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
+        meta = run["metadata"]
+        new = self._converge(run, scrape)
+        old = run.get("status") or {}
+        if new != old:
+            removed = {key: None for key in old if key not in new}  # merge patch deletes
+            self.kube.patch(
+                RUNS, meta["namespace"], meta["name"], {"status": new | removed}, "status"
+            )
+            event = status.transition(old, new)
+            if event:
+                kind = "Warning" if new["phase"] == "Failed" else "Normal"
+                self.post_event(run, kind, *event)
+        return new
+
+    def _converge(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
+        meta = run["metadata"]
+        namespace, selector = meta["namespace"], f"{render.RUN_LABEL}={meta['name']}"
+        want = render.job_name(run)
+        old = run.get("status") or {}
+        restarts = old.get("restarts", 0)
+        # A finished run's job may be deleted by its TTL; that must not start the run again. A
+        # spec change (a new generation) after the end does: e.g. more steps resume training.
+        finished = (
+            old.get("phase") in status.TERMINAL
+            and old.get("observedGeneration") == meta["generation"]
+        )
+
+        jobs = {j["metadata"]["name"]: j for j in self.kube.list(JOBS, namespace, selector)}
+        current = jobs.pop(want, None)
+        replacing = None
+        for name, stale in jobs.items():
+            if not _owned_by(stale, run):
+                continue  # someone else's job that happens to carry our label
+            replacing = name
+            if not stale["metadata"].get("deletionTimestamp"):
+                # Foreground: the job object stays until its pods are gone, so the new job cannot
+                # start writing checkpoints while the old pods still save theirs.
+                self.kube.delete(JOBS, namespace, name, foreground=True)
+                restarts += 1
+                self.post_event(
+                    run, "Normal", "Restarting", f"spec changed: replacing job {name} with {want}"
+                )
+        for config in self.kube.list(CONFIG_MAPS, namespace, selector):
+            name = config["metadata"]["name"]
+            if name != want and name not in jobs and _owned_by(config, run):
+                self.kube.delete(CONFIG_MAPS, namespace, name)
+        if replacing:
+            return status.run_status(
+                run, want, None, replacing=replacing, restarts=restarts, now=now()
+            )
+        if finished and current is None:
+            return old
+
+        if not finished:
+            self._ensure(run, render.config_map(run), CONFIG_MAPS)
+        if current is None:
+            current = self._ensure(run, render.pytorch_job(run), JOBS)
+        else:
+            current = self._adopt(run, current, JOBS)
+            policy = render.run_policy_patch(run, current)
+            if policy:
+                current = self.kube.patch(JOBS, namespace, want, policy)
+
+        progress = None
+        if scrape and status.job_phase(current) == "Running":
+            progress = self._scrape(run, want)
+        return status.run_status(
+            run, want, current, restarts=restarts, progress=progress, now=now()
+        )
+
+    def _ensure(self, run: dict[str, Any], child: dict[str, Any], kind: Any) -> dict[str, Any]:
+        """Create `child`, or adopt the one of that name that is already there."""
+        meta = child["metadata"]
+        try:
+            created = self.kube.create(kind, child)
+        except Conflict:
+            existing = self.kube.get(kind, meta["namespace"], meta["name"])
+            if existing is None:  # deleted between the two calls; the next pass creates it
+                raise
+            return self._adopt(run, existing, kind)
+        self.post_event(run, "Normal", "Created", f"created {child['kind']} {meta['name']}")
+        return created
+
+    def _adopt(self, run: dict[str, Any], child: dict[str, Any], kind: Any) -> dict[str, Any]:
+        """Make an existing child of the expected name the run's (e.g. one orphaned earlier)."""
+        if _owned_by(child, run):
+            return child
+        meta = child["metadata"]
+        others = [o for o in meta.get("ownerReferences") or [] if o.get("controller")]
+        if others:
+            # Typically a run deleted and re-created under the same name before garbage
+            # collection took the old run's children: the retry finds the name free.
+            owner = others[0]
+            raise ChildConflict(
+                f"{child['kind']} {meta['name']} belongs to {owner['kind']} {owner['name']} "
+                f"(uid {owner['uid']}); retrying until it is garbage-collected or removed"
+            )
+        adopted = self.kube.patch(
+            kind,
+            meta["namespace"],
+            meta["name"],
+            {
+                "metadata": {
+                    "ownerReferences": [
+                        *(meta.get("ownerReferences") or []),
+                        render.owner_reference(run),
+                    ],
+                    "labels": render.labels(run["metadata"]["name"]),
+                }
+            },
+        )
+        self.post_event(run, "Normal", "Adopted", f"adopted {child['kind']} {meta['name']}")
+        return adopted
+
+    def _scrape(self, run: dict[str, Any], job: str) -> MixtureProgress | None:
+        """Read rank 0's metrics from the job's master pod; None if they cannot be had now."""
+        typed = ChatFlowRun.model_validate(run)
+        port = typed.spec.training.metrics_port
+        pods = self.kube.list(
+            PODS,
+            run["metadata"]["namespace"],
+            f"training.kubeflow.org/job-name={job},training.kubeflow.org/job-role=master",
+        )
+        ip = next(
+            (p.get("status", {}).get("podIP") for p in pods if p.get("status", {}).get("podIP")),
+            None,
+        )
+        if not port or not ip:
+            return None
+        try:
+            with urllib.request.urlopen(
+                f"http://{ip}:{port}/metrics", timeout=SCRAPE_TIMEOUT_SECONDS
+            ) as response:
+                text = response.read().decode()
+        except OSError as e:
+            log.info("cannot read the trainer's metrics at %s:%s: %s", ip, port, e)
+            return None
+        return status.progress_from_metrics(text, typed.spec.training.total_samples, now())

@@ -1,0 +1,220 @@
+"""ChatFlowRun -> the objects that run it: a ConfigMap (the trainer's manifest) and a PyTorchJob.
+
+Pure functions of the run; the handlers create, compare and delete what these return.
+
+Children are named `<run>-<digest>`, the digest taken over every spec field a running PyTorchJob
+cannot take in place (see `restart_digest`). A change to one of them therefore names a new job: the
+operator replaces the old job with it, and the new one resumes from the newest checkpoint on the
+run's volume. Fields outside the digest (`suspend`, `runPolicy`) are patched into the job in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun
+
+JOB_API_VERSION = "kubeflow.org/v1"
+JOB_KIND = "PyTorchJob"
+CONTAINER = "pytorch"  # the training operator requires this name
+MASTER_PORT = 23456  # the training operator's default, named `pytorchjob-port`
+
+RUN_LABEL = "chatflow.io/run"
+DIGEST_ANNOTATION = "chatflow.io/spec-digest"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+CONFIG_DIR = "/etc/chatflow"
+CONFIG_FILE = "run.yaml"
+SCRATCH_MOUNT = "/data"  # an emptyDir stands in when the run has no `storage`
+
+# Fields a running PyTorchJob takes in place; every other spec change restarts the run.
+IN_PLACE_FIELDS = ("suspend", "runPolicy")
+_RUN_POLICY_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
+
+# Time the trainer gets between SIGTERM and SIGKILL to write its checkpoint (suspend, restart,
+# preemption). A 7B model under ZeRO-3 writes ~100 GB to a shared volume.
+TERMINATION_GRACE_SECONDS = 900
+
+
+def restart_digest(spec: dict[str, Any]) -> str:
+    """A short stable hash of the spec fields a running job cannot take in place."""
+    fields = {key: value for key, value in spec.items() if key not in IN_PLACE_FIELDS}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def job_name(run: dict[str, Any]) -> str:
+    """The name of the ConfigMap and PyTorchJob that run the run's current spec."""
+    return f"{run['metadata']['name']}-{restart_digest(run['spec'])}"
+
+
+def labels(run_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "chatflow",
+        "app.kubernetes.io/instance": run_name,
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/managed-by": "chatflow-operator",
+        RUN_LABEL: run_name,
+    }
+
+
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+    """Makes the child the run's: garbage-collected with it, and found through it."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": run["metadata"]["name"],
+        "uid": run["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(run: dict[str, Any]) -> dict[str, Any]:
+    name = run["metadata"]["name"]
+    return {
+        "name": job_name(run),
+        "namespace": run["metadata"]["namespace"],
+        "labels": labels(name),
+        "annotations": {DIGEST_ANNOTATION: restart_digest(run["spec"])},
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def config_map(run: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's manifest: the run as the API server stored it (defaults filled in).
+
+    Immutable, and one per job: a job's pods read the spec that job was made for, even when they
+    restart after the run's spec has moved on.
+    """
+    manifest = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": run["metadata"]["name"], "namespace": run["metadata"]["namespace"]},
+        "spec": run["spec"],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(run),
+        "immutable": True,
+        "data": {CONFIG_FILE: yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True)},
+    }
+
+
+def paths(run: ChatFlowRun) -> tuple[str, str]:
+    """(output, cache) directories in the pods.
+
+    The output directory depends only on the run's name, so every job of the run (after a restart,
+    or a re-created run of the same name) resumes from the same checkpoints, as `chatflow train`
+    does locally. The packed-data cache is shared by all runs on the volume.
+    """
+    mount = run.spec.storage.mount_path if run.spec.storage else SCRATCH_MOUNT
+    return f"{mount}/runs/{run.metadata.name}", f"{mount}/cache"
+
+
+def _resources(run: ChatFlowRun) -> dict[str, Any]:
+    requests = dict(run.spec.resources.requests)
+    limits = dict(run.spec.resources.limits)
+    if run.spec.gpus_per_node:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = run.spec.gpus_per_node
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _container(run: ChatFlowRun) -> dict[str, Any]:
+    output, cache = paths(run)
+    spec = run.spec
+    mount = spec.storage.mount_path if spec.storage else SCRATCH_MOUNT
+    ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}]
+    if spec.training.metrics_port:
+        ports.append({"name": "metrics", "containerPort": spec.training.metrics_port})
+    env = [{"name": "HF_HOME", "value": f"{cache}/huggingface"}]
+    env += [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env]
+    container = {
+        "name": CONTAINER,
+        "image": spec.image,
+        # torchrun takes nodes, rank, processes and the rendezvous from the PET_* variables the
+        # training operator injects.
+        "command": ["torchrun", "-m", "chatflow.train"],
+        "args": ["--file", f"{CONFIG_DIR}/{CONFIG_FILE}", "--output", output, "--cache-dir", cache],
+        "env": env,
+        "ports": ports,
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "data", "mountPath": mount},
+            # NCCL and DataLoader workers share tensors through /dev/shm; a pod's default is 64 MiB.
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    resources = _resources(run)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _pod_template(run: ChatFlowRun, config_name: str) -> dict[str, Any]:
+    spec = run.spec
+    data_volume: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": spec.storage.claim_name}}
+        if spec.storage
+        else {"emptyDir": {}}
+    )
+    pod: dict[str, Any] = {
+        # The trainer never calls the Kubernetes API.
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "containers": [_container(run)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_name}},
+            {"name": "data", **data_volume},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    scheduling = spec.scheduling.model_dump(by_alias=True, exclude_none=True)
+    pod |= {key: value for key, value in scheduling.items() if value}
+    return {"metadata": {"labels": labels(run.metadata.name)}, "spec": pod}
+
+
+def _run_policy(spec: dict[str, Any]) -> dict[str, Any]:
+    """The job's runPolicy: the in-place fields of the run's spec."""
+    return {"suspend": bool(spec.get("suspend", False)), **spec.get("runPolicy", {})}
+
+
+def pytorch_job(run: dict[str, Any]) -> dict[str, Any]:
+    """The PyTorchJob: Master (node rank 0) plus nodes-1 Workers, one trainer per GPU."""
+    typed = ChatFlowRun.model_validate(run)
+    name = job_name(run)
+    template = _pod_template(typed, name)
+    # Exit codes 1-127 fail the job for good (the trainer exits 2 on a bad manifest); 128-255
+    # (SIGTERM's 143, SIGKILL's 137: preemption, node loss) restart the pod, which resumes.
+    replica = {"restartPolicy": "ExitCode", "template": template}
+    replicas = {"Master": {"replicas": 1, **replica}}
+    if typed.spec.nodes > 1:
+        replicas["Worker"] = {"replicas": typed.spec.nodes - 1, **replica}
+    metadata = _metadata(run)
+    if typed.spec.queue_name:
+        metadata["labels"][QUEUE_LABEL] = typed.spec.queue_name
+    return {
+        "apiVersion": JOB_API_VERSION,
+        "kind": JOB_KIND,
+        "metadata": metadata,
+        "spec": {
+            "nprocPerNode": str(typed.spec.gpus_per_node or 1),
+            "runPolicy": _run_policy(run["spec"]),
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def run_policy_patch(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that brings a job's runPolicy in line with the run, or None if it is."""
+    want = _run_policy(run["spec"])
+    have = job["spec"].get("runPolicy", {})
+    changed = {key: value for key, value in want.items() if have.get(key) != value}
+    # A field removed from the run is removed from the job (null deletes in a merge patch).
+    changed |= {key: None for key in have if key not in want and key in _RUN_POLICY_FIELDS}
+    return {"spec": {"runPolicy": changed}} if changed else None

@@ -1,0 +1,144 @@
+"""A ChatFlowRun's status, computed from its PyTorchJob and its trainer's metrics. Pure functions.
+
+Progress comes from rank 0's Prometheus endpoint, which the operator reads while the job runs,
+rather than from the trainer writing to the Kubernetes API: the trainer then needs no credentials
+or RBAC (its pods mount no ServiceAccount token), the numbers in the status are the numbers on the
+dashboards, and `chatflow train` stays the same program on a laptop and in a pod.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from chatflow.spec import ChatFlowRunStatus, Condition, MixtureProgress
+
+# The job's condition types, in the order that breaks ties between conditions set in the same
+# second: a finished job stays finished.
+JOB_PHASES = {
+    "Created": "Pending",
+    "Running": "Running",
+    "Restarting": "Restarting",
+    "Suspended": "Suspended",
+    "Succeeded": "Succeeded",
+    "Failed": "Failed",
+}
+TERMINAL = ("Succeeded", "Failed")
+
+
+def _current_condition(job: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job's newest True condition: the state the training operator last moved it to."""
+    conditions = ((job or {}).get("status") or {}).get("conditions") or []
+    true = [c for c in conditions if c.get("status") == "True" and c.get("type") in JOB_PHASES]
+    order = list(JOB_PHASES)
+    return max(
+        true,
+        key=lambda c: (c.get("lastTransitionTime") or "", order.index(c["type"])),
+        default=None,
+    )
+
+
+def job_phase(job: dict[str, Any] | None) -> str:
+    condition = _current_condition(job)
+    return JOB_PHASES[condition["type"]] if condition else "Pending"
+
+
+def _mirrored(job: dict[str, Any] | None, generation: int) -> list[Condition]:
+    conditions = ((job or {}).get("status") or {}).get("conditions") or []
+    return [
+        Condition(
+            type=c["type"],
+            status=c.get("status", "Unknown"),
+            reason=c.get("reason"),
+            message=c.get("message"),
+            last_transition_time=c.get("lastTransitionTime"),
+            observed_generation=generation,
+        )
+        for c in conditions
+    ]
+
+
+def run_status(
+    run: dict[str, Any],
+    job_name: str,
+    job: dict[str, Any] | None,
+    *,
+    replacing: str | None = None,
+    restarts: int = 0,
+    progress: MixtureProgress | None = None,
+    now: str,
+) -> dict[str, Any]:
+    """The status to write: `job` is the current spec's job (None until it exists); `replacing`
+    names an outdated job still being deleted, during which the run is Restarting."""
+    old = ChatFlowRunStatus.model_validate(run.get("status") or {})
+    generation = run["metadata"].get("generation", 0)
+    conditions = _mirrored(job, generation)
+    phase = job_phase(job)
+    if replacing:
+        phase = "Restarting"
+        conditions = [c for c in conditions if c.type != "Restarting"] + [
+            Condition(
+                type="Restarting",
+                status="True",
+                reason="SpecChanged",
+                message=f"replacing job {replacing}; {job_name} resumes from its newest checkpoint",
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        ]
+    job_status = (job or {}).get("status") or {}
+    status = ChatFlowRunStatus(
+        phase=phase,
+        observed_generation=generation,
+        job_name=job_name,
+        restarts=restarts,
+        start_time=job_status.get("startTime") or old.start_time,
+        completion_time=job_status.get("completionTime"),
+        conditions=conditions,
+        progress=progress or old.progress,
+    )
+    return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def transition(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) of the Event to post when the phase changed, else None."""
+    before = (old or {}).get("phase")
+    if before == new["phase"]:
+        return None
+    current = next(
+        (c for c in new.get("conditions", []) if c["status"] == "True" and c["type"] != "Created"),
+        None,
+    )
+    detail = f": {current['message']}" if current and current.get("message") else ""
+    return new["phase"], f"{before or 'New'} -> {new['phase']}{detail}"
+
+
+def progress_from_metrics(text: str, total_samples: int, now: str) -> MixtureProgress | None:
+    """Parse rank 0's /metrics page; None while the trainer has not reported a step yet."""
+    values: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    phase = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "chatflow_mixture_target_ratio":
+                weights[sample.labels["source"]] = sample.value
+            elif sample.name == "chatflow_schedule_phase_info" and sample.value == 1:
+                phase = sample.labels["phase"]
+            else:
+                values[sample.name] = sample.value
+    if "chatflow_step" not in values:
+        return None
+    checkpoint = values.get("chatflow_last_checkpoint_step")
+    samples = int(values.get("chatflow_samples_total", 0))
+    return MixtureProgress(
+        fraction=min(1.0, samples / total_samples),
+        schedule_fraction=values.get("chatflow_schedule_progress_ratio", 0.0),
+        schedule_phase=phase,
+        step=int(values["chatflow_step"]),
+        samples=samples,
+        tokens=int(values.get("chatflow_tokens_total", 0)),
+        target_weights=weights,
+        last_checkpoint_step=None if checkpoint is None else int(checkpoint),
+        updated_at=now,
+    )
