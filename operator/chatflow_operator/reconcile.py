@@ -203,6 +203,6 @@ class Reconciler:
             ) as response:
                 text = response.read().decode()
         except OSError as e:
-            log.info("cannot read the trainer's metrics at %s:%s: %s", ip, port, e)
+            log.debug("cannot read the trainer's metrics at %s:%s: %s", ip, port, e)
             return None
         return status.progress_from_metrics(text, typed.spec.training.total_samples, now())

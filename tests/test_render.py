@@ -1,0 +1,154 @@
+"""ChatFlowRun -> ConfigMap + PyTorchJob, as pure functions (no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from chatflow.spec import parse_run
+from chatflow_operator import render
+from factories import run_document
+
+
+def stored_run(**spec: Any) -> dict[str, Any]:
+    """A run as the API server hands it to the operator: namespaced, with a uid and generation."""
+    run = run_document(**spec)
+    run["metadata"] |= {"namespace": "ml", "uid": "uid-1", "generation": 1}
+    return run
+
+
+def cluster_run(**spec: Any) -> dict[str, Any]:
+    return stored_run(
+        **{
+            "nodes": 4,
+            "gpusPerNode": 8,
+            "image": "registry.example/trainer:1",
+            "resources": {
+                "requests": {"cpu": "32", "memory": "512Gi"},
+                "limits": {"memory": "1Ti"},
+            },
+            "storage": {"claimName": "llm-data", "mountPath": "/mnt/llm"},
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+            ],
+            "scheduling": {
+                "nodeSelector": {"gpu": "h100"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                "affinity": {"nodeAffinity": {"x": 1}},
+                "priorityClassName": "training",
+            },
+            "queueName": "team-a",
+            "runPolicy": {"backoffLimit": 3, "ttlSecondsAfterFinished": 600},
+            **spec,
+        }
+    )
+
+
+def test_job_is_master_plus_workers_with_one_process_per_gpu() -> None:
+    run = cluster_run()
+    job = render.pytorch_job(run)
+    name = render.job_name(run)
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    assert job["metadata"]["name"] == name and name.startswith("test-")
+    assert job["metadata"]["namespace"] == "ml"
+    assert job["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "chatflow.io/v1alpha1",
+            "kind": "ChatFlowRun",
+            "name": "test",
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    labels = job["metadata"]["labels"]
+    assert labels["chatflow.io/run"] == "test" and labels["kueue.x-k8s.io/queue-name"] == "team-a"
+    spec = job["spec"]
+    assert spec["nprocPerNode"] == "8"
+    assert spec["runPolicy"] == {
+        "suspend": False,
+        "backoffLimit": 3,
+        "ttlSecondsAfterFinished": 600,
+    }
+    replicas = spec["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3
+    assert replicas["Master"]["template"] == replicas["Worker"]["template"]
+    assert replicas["Master"]["restartPolicy"] == "ExitCode"
+
+    pod = replicas["Master"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["priorityClassName"] == "training"
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch" and container["image"] == "registry.example/trainer:1"
+    assert container["command"] == ["torchrun", "-m", "chatflow.train"]
+    assert container["args"] == [
+        "--file", "/etc/chatflow/run.yaml",
+        "--output", "/mnt/llm/runs/test",
+        "--cache-dir", "/mnt/llm/cache",
+    ]  # fmt: skip
+    assert container["resources"] == {
+        "requests": {"cpu": "32", "memory": "512Gi", "nvidia.com/gpu": 8},
+        "limits": {"memory": "1Ti", "nvidia.com/gpu": 8},
+    }
+    assert {"name": "metrics", "containerPort": 9400} in container["ports"]
+    assert {"name": "pytorchjob-port", "containerPort": 23456} in container["ports"]
+    assert {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token", "optional": False}},
+    } in container["env"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"config": "/etc/chatflow", "data": "/mnt/llm", "dshm": "/dev/shm"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"] == {"name": name}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "llm-data"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}
+
+
+def test_single_cpu_node_has_no_workers_and_no_gpus() -> None:
+    job = render.pytorch_job(stored_run())
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    assert job["spec"]["nprocPerNode"] == "1"
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert "resources" not in pod["containers"][0]
+    assert {"name": "data", "emptyDir": {}} in pod["volumes"]
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+
+
+def test_config_map_holds_the_run_for_the_trainer() -> None:
+    run = cluster_run()
+    config = render.config_map(run)
+    assert config["metadata"]["name"] == render.job_name(run)
+    assert config["immutable"] is True
+    manifest = yaml.safe_load(config["data"]["run.yaml"])
+    assert parse_run(manifest).spec == parse_run(run).spec
+
+
+def test_only_restart_worthy_changes_rename_the_job() -> None:
+    base = render.job_name(cluster_run())
+    in_place = [{"suspend": True}, {"runPolicy": {"backoffLimit": 9}}]
+    for change in in_place:
+        assert render.job_name(cluster_run(**change)) == base, change
+    restarting = [
+        {"nodes": 8},
+        {"gpusPerNode": 4},
+        {"image": "registry.example/trainer:2"},
+        {"resources": {"limits": {"memory": "2Ti"}}},
+        {"schedule": {"curve": "points", "points": [{"at": 0, "weights": {"sft": 1}}]}},
+        {"training": {"seqLength": 128, "globalBatchSize": 8, "maxSamples": 2000}},
+    ]
+    names = {render.job_name(cluster_run(**change)) for change in restarting}
+    assert base not in names and len(names) == len(restarting)
+
+
+def test_run_policy_patch_toggles_suspend_and_drops_removed_fields() -> None:
+    run = cluster_run()
+    job = render.pytorch_job(run)
+    assert render.run_policy_patch(run, job) is None
+    suspended = cluster_run(suspend=True, runPolicy={"backoffLimit": 3})
+    assert render.run_policy_patch(suspended, job) == {
+        "spec": {"runPolicy": {"suspend": True, "ttlSecondsAfterFinished": None}}
+    }
