@@ -6,7 +6,7 @@ UV_VERSION := 0.13.8
 TINY := manifests/examples/tiny.yaml
 DEEPSPEED_BUILD_DEPS := setuptools wheel packaging psutil ninja py-cpuinfo hjson msgpack einops
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint controlplane
 
 setup: $(VENV)/.installed
 
@@ -30,5 +30,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The integration tests' Kubernetes control plane (kube-apiserver, kube-controller-manager, etcd),
+# built from source with Go: 7-9 minutes once, then cached outside the repository per version
+# (see tests/controlplane/README.md), so a warm `make test` spends milliseconds here.
+controlplane:
+	tests/controlplane/build.sh
+
+test: lint controlplane
 	$(BIN)/pytest

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import re
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from chatflow.examples import build_tiny_example, save_llama_tokenizer
+from cluster import Operator, install_operator_manifests
+from controlplane import ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "manifests" / "examples" / "tiny.yaml"
@@ -30,3 +35,31 @@ def tiny_example() -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One packed-data cache for the session: sources are tokenized once."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A real control plane with the PyTorchJob CRD and the operator's manifests installed."""
+    with ControlPlane(tmp_path_factory.mktemp("controlplane")) as cp:
+        cp.install_pytorchjob_crd()
+        install_operator_manifests(cp)
+        yield cp
+
+
+@pytest.fixture
+def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> str:
+    """A fresh namespace per test, so tests never see each other's runs."""
+    name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{secrets.token_hex(2)}"
+    cluster.kubectl("create", "namespace", name)
+    return name
+
+
+@pytest.fixture
+def operator(cluster: ControlPlane, tmp_path: Path) -> Iterator[Operator]:
+    """The operator, running as its ServiceAccount under the RBAC of manifests/base."""
+    process = Operator(cluster, tmp_path).start()
+    try:
+        yield process
+    finally:
+        process.stop()

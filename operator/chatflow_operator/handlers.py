@@ -12,14 +12,16 @@ prune an undeclared `status.kopf`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import kopf
 
 from chatflow.spec import API_GROUP
 from chatflow_operator import metrics, render
-from chatflow_operator.kube import Kube
-from chatflow_operator.reconcile import Reconciler
+from chatflow_operator.kube import ApiError, Kube
+from chatflow_operator.reconcile import ChildConflict, Reconciler
 
 RUNS = (API_GROUP, "v1alpha1", "chatflowruns")
 JOBS = ("kubeflow.org", "v1", "pytorchjobs")
@@ -31,6 +33,16 @@ RETRY_SECONDS = 5
 
 def post_event(run: dict[str, Any], type: str, reason: str, message: str) -> None:
     kopf.event(run, type=type, reason=reason, message=message)
+
+
+@contextmanager
+def reconciling(trigger: str) -> Iterator[None]:
+    """Count the pass; expected failures are retried with a one-line message, no traceback."""
+    with metrics.reconciling(trigger):
+        try:
+            yield
+        except (ApiError, ChildConflict) as e:
+            raise kopf.TemporaryError(str(e), delay=RETRY_SECONDS) from None
 
 
 def registry(progress_seconds: float) -> kopf.OperatorRegistry:
@@ -61,7 +73,7 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
     @kopf.on.create(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
     @kopf.on.update(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
     def run_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        with metrics.reconciling("run"):
+        with reconciling("run"):
             memo.reconciler.reconcile(dict(body))
 
     def running(status: kopf.Status, **_: Any) -> bool:
@@ -77,13 +89,13 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
         registry=registry,
     )
     def progress(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        with metrics.reconciling("progress"):
+        with reconciling("progress"):
             memo.reconciler.reconcile(dict(body), scrape=True)
 
     @kopf.on.event(*JOBS, labels=CHILD, registry=registry)
     @kopf.on.event(*CONFIG_MAPS, labels=CHILD, registry=registry)
     def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        with metrics.reconciling("child"):
+        with reconciling("child"):
             memo.reconciler.reconcile_child(dict(body))
 
     @kopf.on.event(*RUNS, registry=registry)

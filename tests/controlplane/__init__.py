@@ -1,0 +1,313 @@
+"""A real Kubernetes control plane for integration tests.
+
+etcd, kube-apiserver and kube-controller-manager, built by build.sh (see README.md), run as local
+processes on free 127.0.0.1 ports; the apiserver authorizes with RBAC. No scheduler or kubelet
+runs: pods are stored, never run.
+
+    with ControlPlane(tmp_path) as cp:
+        cp.install_pytorchjob_crd()
+        cp.kubectl("get", "pytorchjobs", "-A")
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import kubernetes
+import yaml
+
+HERE = Path(__file__).resolve().parent
+PROCESSES = ("etcd", "kube-apiserver", "kube-controller-manager")  # in start order
+START_TIMEOUT = 60  # seconds; a warm start takes a few
+STOP_TIMEOUT = 10  # seconds from SIGTERM to SIGKILL
+# P-256 keys: generated in milliseconds, where RSA keys take a noticeable part of the start.
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+@functools.cache
+def binaries() -> Path:
+    """The directory of the control plane's binaries; build.sh builds them unless cached."""
+    out = subprocess.run([HERE / "build.sh"], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return Path(out.splitlines()[-1])
+
+
+class CommandError(subprocess.CalledProcessError):
+    """A failed command, whose message includes what it wrote to stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr}"
+
+
+class ControlPlane:
+    """A control plane whose files (certificates, etcd data, process logs) live in workdir."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.certs = self.workdir / "certs"
+        self.ca_file = self.certs / "ca.crt"
+        self.kubeconfig = self.workdir / "kubeconfig"  # the admin's (group system:masters)
+        self.pytorchjob_crd = binaries().parent / "kubeflow.org_pytorchjobs.yaml"
+        self.server = ""  # the apiserver's URL, once started
+        self._procs: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> ControlPlane:
+        """Start etcd, kube-apiserver and kube-controller-manager; return once they serve."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.certs.mkdir(parents=True, exist_ok=True)
+        etcd_port, peer_port, api_port = _free_ports(3)
+        etcd, peer = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
+        self.server = f"https://127.0.0.1:{api_port}"
+        self._spawn(
+            "etcd",
+            "--name=test",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={etcd}",
+            f"--advertise-client-urls={etcd}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=test={peer}",
+            "--unsafe-no-fsync",  # throwaway data: durability only costs time
+            "--log-level=warn",
+        )
+        # While etcd starts; the apiserver waits for it.
+        self._make_certs()
+        c = self.certs
+        self._spawn(
+            "kube-apiserver",
+            f"--etcd-servers={etcd}",
+            f"--secure-port={api_port}",
+            "--bind-address=127.0.0.1",
+            # Not the host's default interface, which a sandbox may lack.
+            "--advertise-address=127.0.0.1",
+            # The default reconciler makes the advertised address the endpoint of the
+            # `kubernetes` Service, and Endpoints reject loopback addresses.
+            "--endpoint-reconciler-type=none",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--tls-cert-file={c / 'apiserver.crt'}",
+            f"--tls-private-key-file={c / 'apiserver.key'}",
+            f"--client-ca-file={self.ca_file}",
+            "--authorization-mode=RBAC",
+            # It rejects pods in a namespace whose `default` ServiceAccount the controller manager
+            # has not created yet; no kubelet mounts the token it adds anyway.
+            "--disable-admission-plugins=ServiceAccount",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--service-account-key-file={c / 'sa.pub'}",
+            f"--service-account-signing-key-file={c / 'sa.key'}",
+        )
+        self._write_kubeconfig(
+            self.kubeconfig,
+            {"client-certificate": str(c / "admin.crt"), "client-key": str(c / "admin.key")},
+        )
+        self._ssl = ssl.create_default_context(cafile=self.ca_file)
+        self._ssl.load_cert_chain(c / "admin.crt", c / "admin.key")
+        self._wait("kube-apiserver", lambda: self._get("/readyz") == 200)
+        self._spawn(
+            "kube-controller-manager",
+            f"--kubeconfig={self.kubeconfig}",
+            "--controllers=*",
+            "--leader-elect=false",
+            "--secure-port=0",
+            # For the token controller (ServiceAccount token Secrets) and the kube-root-ca.crt
+            # ConfigMap it publishes in every namespace.
+            f"--service-account-private-key-file={c / 'sa.key'}",
+            f"--root-ca-file={self.ca_file}",
+        )
+        # Its ServiceAccount controller creating `default` in the default namespace shows its
+        # controllers run.
+        self._wait(
+            "kube-controller-manager",
+            lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default") == 200,
+        )
+
+    def stop(self) -> None:
+        """SIGTERM each process, etcd last; SIGKILL one that outlives STOP_TIMEOUT."""
+        for proc in reversed(self._procs.values()):
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+
+    def logs(self, *names: str, lines: int = 30) -> str:
+        """The last lines of the named processes' logs (all by default), for failure messages."""
+        tails = []
+        for name in names or PROCESSES:
+            log = self.workdir / f"{name}.log"
+            if log.exists():
+                with log.open(errors="replace") as f:
+                    tails.append(f"==> {log} <==\n{''.join(deque(f, lines))}")
+        return "\n".join(tails)
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kubectl as the admin; with check, raise CommandError on failure."""
+        cmd = [
+            "kubectl",
+            f"--kubeconfig={self.kubeconfig}",
+            # Discovery cached per control plane: the user's cache may hold another one's at
+            # the same port.
+            f"--cache-dir={self.workdir / 'kubectl-cache'}",
+            *args,
+        ]
+        result = subprocess.run(cmd, input=input, capture_output=True, text=True)
+        if check and result.returncode:
+            raise CommandError(result.returncode, cmd, result.stdout, result.stderr)
+        return result
+
+    def apply(
+        self, manifest: str | Path, server_side: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """kubectl apply a manifest: YAML text (str) or a file (Path)."""
+        args = ["apply", "--server-side"] if server_side else ["apply"]
+        if isinstance(manifest, Path):
+            return self.kubectl(*args, "-f", str(manifest))
+        return self.kubectl(*args, "-f", "-", input=manifest)
+
+    def install_pytorchjob_crd(self) -> None:
+        """Install Kubeflow's PyTorchJob CRD and wait until it is served."""
+        # Server-side: the CRD is too large for the last-applied annotation of a client-side apply.
+        self.apply(self.pytorchjob_crd, server_side=True)
+        crd = "crd/pytorchjobs.kubeflow.org"
+        # Retried: until the CRD has a status, kubectl wait fails (".status.conditions accessor
+        # error") rather than waiting.
+        self._wait(
+            "the PyTorchJob CRD",
+            lambda: (
+                self.kubectl("wait", "--for=condition=Established", crd, check=False).returncode
+                == 0
+            ),
+        )
+
+    def kubeconfig_for_token(self, token: str, path: Path) -> Path:
+        """Write a kubeconfig that authenticates with a bearer token; return its path."""
+        return self._write_kubeconfig(Path(path), {"token": token})
+
+    def kubeconfig_for_service_account(self, namespace: str, name: str, path: Path) -> Path:
+        """Write a kubeconfig acting as an existing ServiceAccount (a one-hour token)."""
+        token = self.kubectl("create", "token", name, f"--namespace={namespace}").stdout.strip()
+        return self.kubeconfig_for_token(token, path)
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        """A Python client acting as the admin."""
+        return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def _make_certs(self) -> None:
+        """A CA; the apiserver's serving certificate; the admin's client certificate, in group
+        system:masters; the key pair that signs ServiceAccount tokens."""
+        c = self.certs
+
+        def cert(name: str, subject: str, *extensions: str, signed: bool = True) -> None:
+            ca = ("-CA", c / "ca.crt", "-CAkey", c / "ca.key") if signed else ()
+            _run(
+                "openssl", "req", "-x509", *EC_KEY, *ca, "-days", "3650", "-subj", subject,
+                "-keyout", c / f"{name}.key", "-out", c / f"{name}.crt",
+                *(arg for ext in extensions for arg in ("-addext", ext)),
+            )  # fmt: skip
+
+        # Python's ssl (strict X.509 checks from 3.13) wants the CA's key usage spelled out.
+        cert("ca", "/CN=chatflow-test-ca", "keyUsage=critical,keyCertSign,cRLSign", signed=False)
+        leaf = ("basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature")
+        cert(
+            "apiserver",
+            "/CN=kube-apiserver",
+            *leaf,
+            "extendedKeyUsage=serverAuth",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        )
+        cert("admin", "/O=system:masters/CN=admin", *leaf, "extendedKeyUsage=clientAuth")
+        _run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", c / "sa.key")
+        _run("openssl", "pkey", "-in", c / "sa.key", "-pubout", "-out", c / "sa.pub")
+
+    def _spawn(self, name: str, *args: str) -> None:
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            # setpriv: the kernel kills the process when this one dies, even where stop() cannot
+            # run (SIGKILL). "Dies" is the exit of the thread that starts it.
+            self._procs[name] = subprocess.Popen(
+                ["setpriv", "--pdeathsig=KILL", "--", binaries() / name, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def _wait(self, what: str, ready: Callable[[], bool]) -> None:
+        """Poll ready until it holds; raise with logs if a process exits or START_TIMEOUT passes."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready():
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited ({proc.returncode}) before {what} was ready:\n"
+                        + self.logs(name)
+                    )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{what} not ready after {START_TIMEOUT}s:\n" + self.logs(*self._procs)
+                )
+            time.sleep(0.1)
+
+    def _get(self, path: str) -> int | None:
+        """The HTTP status of the admin's GET of path; None while the apiserver does not answer."""
+        try:
+            with urllib.request.urlopen(self.server + path, context=self._ssl, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None
+
+    def _write_kubeconfig(self, path: Path, user: dict[str, str]) -> Path:
+        cluster = {"server": self.server, "certificate-authority": str(self.ca_file)}
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": cluster}],
+            "users": [{"name": "user", "user": user}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
+            "current-context": "test",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1, distinct: each socket stays bound until all are chosen."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _run(*args: object) -> None:
+    cmd = [str(a) for a in args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise CommandError(result.returncode, cmd, result.stdout, result.stderr)

@@ -1,0 +1,379 @@
+"""The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager).
+
+No training operator runs: tests patch each PyTorchJob's status the way it would, and create the
+master pod it would create. The operator itself runs as a process under the ServiceAccount and
+RBAC of manifests/base.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from chatflow.spec import load_run
+from chatflow_operator.status import JOB_PHASES
+from cluster import REPO, Operator, free_port, get, items, wait_for
+from controlplane import ControlPlane
+from factories import tiny_manifest
+
+EXAMPLES = REPO / "manifests" / "examples"
+JOBS = "pytorchjobs.kubeflow.org"
+RUNS = "chatflowruns.chatflow.io"
+
+pytestmark = pytest.mark.cluster
+
+
+def apply_run(cp: ControlPlane, namespace: str, path: Path, **spec: Any) -> dict[str, Any]:
+    """kubectl apply a run manifest, with `spec` fields replaced."""
+    document = yaml.safe_load(path.read_text())
+    document["spec"] |= spec
+    cp.kubectl("apply", f"--namespace={namespace}", "-f", "-", input=yaml.safe_dump(document))
+    return document
+
+
+def run_status(cp: ControlPlane, namespace: str, name: str) -> dict[str, Any]:
+    return (get(cp, RUNS, name, namespace) or {}).get("status") or {}
+
+
+def the_job(cp: ControlPlane, namespace: str, run: str) -> dict[str, Any]:
+    """The run's one PyTorchJob, once it exists."""
+    return wait_for(
+        lambda: next(iter(items(cp, JOBS, namespace, f"chatflow.io/run={run}")), None),
+        f"the PyTorchJob of {run}",
+    )
+
+
+def set_job_conditions(cp: ControlPlane, job: dict[str, Any], *types: str, **extra: Any) -> None:
+    """Patch the job's status as the training operator would: `types` in order, the last True."""
+    conditions = [
+        {
+            "type": type,
+            "status": "True" if i == len(types) - 1 or type == "Created" else "False",
+            "reason": f"PyTorchJob{type}",
+            "message": f"PyTorchJob {job['metadata']['name']} is {type.lower()}.",
+            "lastUpdateTime": f"2026-01-01T00:00:{i:02d}Z",
+            "lastTransitionTime": f"2026-01-01T00:00:{i:02d}Z",
+        }
+        for i, type in enumerate(types)
+    ]
+    patch = {"status": {"conditions": conditions, **extra}}
+    meta = job["metadata"]
+    cp.kubectl(
+        "patch", JOBS, meta["name"], f"--namespace={meta['namespace']}",
+        "--subresource=status", "--type=merge", "-p", json.dumps(patch),
+    )  # fmt: skip
+
+
+def events(cp: ControlPlane, namespace: str, run: str) -> list[tuple[str, str]]:
+    found = items(cp, "events", namespace)
+    return [
+        (e["reason"], e["message"])
+        for e in sorted(found, key=lambda e: e["metadata"]["creationTimestamp"])
+        if e["involvedObject"]["name"] == run
+    ]
+
+
+def test_examples_become_jobs_and_config_maps(
+    cluster: ControlPlane, operator: Operator, namespace: str
+) -> None:
+    cluster.kubectl("apply", f"--namespace={namespace}", "-f", str(EXAMPLES / "tiny.yaml"))
+    cluster.kubectl("apply", f"--namespace={namespace}", "-f", str(EXAMPLES / "llama2-7b-zh.yaml"))
+
+    job = the_job(cluster, namespace, "llama2-7b-zh")
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    assert job["spec"]["nprocPerNode"] == "8"
+    container = replicas["Worker"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["args"][3] == "/data/chatflow/runs/llama2-7b-zh"
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == (
+        "ChatFlowRun",
+        "llama2-7b-zh",
+        True,
+    )
+
+    config = get(cluster, "configmap", job["metadata"]["name"], namespace)
+    assert config is not None and config["immutable"] is True
+    stored = yaml.safe_load(config["data"]["run.yaml"])
+    assert stored["spec"]["schedule"]["growth"] == 5_000_000
+    assert stored["spec"]["training"]["seqLength"] == 2048
+
+    tiny = the_job(cluster, namespace, "tiny")
+    assert list(tiny["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+    status = wait_for(lambda: run_status(cluster, namespace, "tiny"), "the tiny run's status")
+    assert status["phase"] == "Pending" and status["observedGeneration"] == 1
+    assert status["jobName"] == tiny["metadata"]["name"]
+    printed = cluster.kubectl("get", "cfr", f"--namespace={namespace}").stdout
+    assert printed.split("\n")[0].split()[:4] == ["NAME", "PHASE", "PROGRESS", "STEP"]
+
+
+@pytest.mark.parametrize(
+    ("conditions", "phase"),
+    [
+        (("Created", "Running", "Succeeded"), "Succeeded"),
+        (("Created", "Running", "Failed"), "Failed"),
+        (("Created", "Running", "Restarting"), "Restarting"),
+        (("Created", "Suspended"), "Suspended"),
+    ],
+)
+def test_job_status_drives_the_run(
+    cluster: ControlPlane,
+    operator: Operator,
+    namespace: str,
+    conditions: tuple[str, ...],
+    phase: str,
+) -> None:
+    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+    job = the_job(cluster, namespace, "tiny")
+    for i in range(1, len(conditions) + 1):
+        set_job_conditions(cluster, job, *conditions[:i], startTime="2026-01-01T00:00:01Z")
+        want = JOB_PHASES[conditions[i - 1]]
+        wait_for(
+            lambda want=want: run_status(cluster, namespace, "tiny").get("phase") == want,
+            f"phase {want}",
+        )
+    status = run_status(cluster, namespace, "tiny")
+    assert status["phase"] == phase
+    current = next(c for c in status["conditions"] if c["type"] == conditions[-1])
+    assert (current["status"], current["reason"]) == ("True", f"PyTorchJob{conditions[-1]}")
+    assert status["startTime"] == "2026-01-01T00:00:01Z"
+    reasons = wait_for(
+        lambda: [r for r, _ in events(cluster, namespace, "tiny") if r == phase], f"{phase} event"
+    )
+    assert reasons == [phase]
+    assert operator.metric("chatflow_operator_runs", phase=phase) >= 1
+
+
+def test_deleted_children_are_recreated_and_collected_with_the_run(
+    cluster: ControlPlane, operator: Operator, namespace: str
+) -> None:
+    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+    job = the_job(cluster, namespace, "tiny")
+    name, uid = job["metadata"]["name"], job["metadata"]["uid"]
+
+    cluster.kubectl("delete", JOBS, name, f"--namespace={namespace}")
+    wait_for(
+        lambda: (
+            (get(cluster, JOBS, name, namespace) or {}).get("metadata", {}).get("uid")
+            not in (None, uid)
+        ),
+        "the job to be re-created",
+    )
+    config_uid = get(cluster, "configmap", name, namespace)["metadata"]["uid"]
+    cluster.kubectl("delete", "configmap", name, f"--namespace={namespace}")
+    wait_for(
+        lambda: (
+            (get(cluster, "configmap", name, namespace) or {}).get("metadata", {}).get("uid")
+            not in (None, config_uid)
+        ),
+        "the ConfigMap to be re-created",
+    )
+    assert len(items(cluster, JOBS, namespace)) == 1
+
+    cluster.kubectl("delete", RUNS, "tiny", f"--namespace={namespace}", "--wait=false")
+    wait_for(
+        lambda: (
+            not items(cluster, JOBS, namespace)
+            and not items(cluster, "configmaps", namespace, "chatflow.io/run")
+        ),
+        "garbage collection of the run's children",
+    )
+
+
+def test_suspend_and_resume_patch_the_job_in_place(
+    cluster: ControlPlane, operator: Operator, namespace: str
+) -> None:
+    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+    job = the_job(cluster, namespace, "tiny")
+    name = job["metadata"]["name"]
+    for suspend in (True, False):
+        apply_run(cluster, namespace, EXAMPLES / "tiny.yaml", suspend=suspend)
+        wait_for(
+            lambda suspend=suspend: (
+                get(cluster, JOBS, name, namespace)["spec"]["runPolicy"]["suspend"] is suspend
+            ),
+            f"runPolicy.suspend={suspend}",
+        )
+    assert [j["metadata"]["name"] for j in items(cluster, JOBS, namespace)] == [name]
+    assert run_status(cluster, namespace, "tiny")["restarts"] == 0
+
+
+def test_restart_worthy_change_replaces_the_job(
+    cluster: ControlPlane, operator: Operator, namespace: str
+) -> None:
+    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+    old = the_job(cluster, namespace, "tiny")
+    set_job_conditions(cluster, old, "Created", "Running")
+    wait_for(lambda: run_status(cluster, namespace, "tiny").get("phase") == "Running", "Running")
+
+    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml", nodes=2)
+    new = wait_for(
+        lambda: [
+            j
+            for j in items(cluster, JOBS, namespace)
+            if j["metadata"]["name"] != old["metadata"]["name"]
+        ],
+        "the new job",
+    )[0]
+    wait_for(lambda: len(items(cluster, JOBS, namespace)) == 1, "the old job to go")
+    assert new["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    # Both jobs train into the same directory: the new one resumes from the newest checkpoint.
+    args = [j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+            for j in (old, new)]  # fmt: skip
+    assert args[0][args[0].index("--output") + 1] == args[1][args[1].index("--output") + 1]
+    status = wait_for(
+        lambda: (s := run_status(cluster, namespace, "tiny")).get("phase") == "Pending" and s,
+        "the new job to be pending",
+    )
+    assert status["restarts"] == 1 and status["observedGeneration"] == 2
+    assert status["jobName"] == new["metadata"]["name"]
+    reasons = [r for r, _ in events(cluster, namespace, "tiny")]
+    assert "Restarting" in reasons
+    leftover = items(cluster, "configmaps", namespace, "chatflow.io/run=tiny")
+    assert [c["metadata"]["name"] for c in leftover] == [new["metadata"]["name"]]
+
+
+def test_killed_between_config_map_and_job_converges_to_one_of_each(
+    cluster: ControlPlane, tmp_path: Path, namespace: str
+) -> None:
+    # A quota of zero PyTorchJobs holds the operator between its two creates, for real: the API
+    # server refuses the job while the ConfigMap went through.
+    cluster.kubectl(
+        "create", "quota", "no-jobs", f"--namespace={namespace}",
+        f"--hard=count/{JOBS}=0",
+    )  # fmt: skip
+    first = Operator(cluster, tmp_path).start()
+    try:
+        apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+        wait_for(lambda: items(cluster, "configmaps", namespace, "chatflow.io/run"), "ConfigMap")
+        wait_for(lambda: "quota" in first.log(), "the refused job create")
+        first.kill(signal.SIGKILL)
+    finally:
+        first.stop()
+    cluster.kubectl("delete", "quota", "no-jobs", f"--namespace={namespace}")
+
+    second = Operator(cluster, tmp_path).start()
+    try:
+        the_job(cluster, namespace, "tiny")
+        wait_for(lambda: run_status(cluster, namespace, "tiny").get("phase"), "a status")
+        assert len(items(cluster, JOBS, namespace)) == 1
+        assert len(items(cluster, "configmaps", namespace, "chatflow.io/run")) == 1
+    finally:
+        second.stop()
+
+
+def test_operator_account_is_least_privilege(cluster: ControlPlane) -> None:
+    account = "system:serviceaccount:chatflow-system:chatflow-operator"
+
+    def can(verb: str, resource: str, namespace: str = "default") -> bool:
+        result = cluster.kubectl(
+            "auth", "can-i", verb, resource, f"--as={account}", f"--namespace={namespace}",
+            check=False,
+        )  # fmt: skip
+        return result.stdout.strip() == "yes"
+
+    allowed = [
+        ("watch", RUNS), ("patch", f"{RUNS}/status"), ("create", JOBS), ("delete", JOBS),
+        ("create", "configmaps"), ("list", "pods"), ("create", "events"),
+        ("patch", "clusterkopfpeerings.kopf.dev"),
+    ]  # fmt: skip
+    denied = [
+        ("create", RUNS), ("delete", RUNS), ("update", JOBS), ("get", "secrets"),
+        ("create", "pods"), ("delete", "pods"), ("get", "pods"), ("create", "deployments"),
+        ("create", "serviceaccounts"), ("create", "rolebindings"), ("list", "nodes"),
+        ("delete", "customresourcedefinitions"), ("delete", "events"),
+    ]  # fmt: skip
+    assert [rule for rule in allowed if not can(*rule)] == []
+    assert [rule for rule in denied if can(*rule)] == []
+
+
+def test_second_instance_with_lower_priority_never_acts(
+    cluster: ControlPlane, tmp_path: Path, namespace: str
+) -> None:
+    standby = Operator(cluster, tmp_path).start()
+    active = Operator(cluster, tmp_path).start()  # started later: a higher priority
+    try:
+        wait_for(lambda: "Pausing operations in favour of" in standby.log(), "the standby to pause")
+        apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+        set_job_conditions(cluster, the_job(cluster, namespace, "tiny"), "Created", "Running")
+        wait_for(
+            lambda: run_status(cluster, namespace, "tiny").get("phase") == "Running", "Running"
+        )
+        assert active.metric("chatflow_operator_reconciles_total") > 0
+        assert standby.metric("chatflow_operator_reconciles_total") == 0
+        # The active one leaves (and withdraws from the peering): the standby takes over.
+        active.stop()
+        apply_run(cluster, namespace, EXAMPLES / "tiny.yaml", suspend=True)
+        wait_for(
+            lambda: the_job(cluster, namespace, "tiny")["spec"]["runPolicy"]["suspend"],
+            "the standby to act",
+        )
+    finally:
+        active.stop()
+        standby.stop()
+
+
+@pytest.mark.slow
+def test_progress_comes_from_a_real_trainer(
+    cluster: ControlPlane,
+    operator: Operator,
+    namespace: str,
+    tiny_example: Path,
+    cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """A real `chatflow train` of the tiny example stands in for the job's master pod."""
+    port = free_port()
+    training = {"metricsPort": port, "maxSteps": 1000, "checkpoint": {"everySteps": 2, "keep": 1}}
+    manifest = tiny_manifest(tiny_example, tmp_path / "tiny.yaml", training=training)
+    apply_run(cluster, namespace, manifest)
+    job = the_job(cluster, namespace, "tiny")
+    job_name = job["metadata"]["name"]
+    cluster.kubectl(
+        "run", f"{job_name}-master-0", "--image=trainer", f"--namespace={namespace}",
+        f"--labels=training.kubeflow.org/job-name={job_name},training.kubeflow.org/job-role=master",
+    )  # fmt: skip
+    cluster.kubectl(
+        "patch", "pod", f"{job_name}-master-0", f"--namespace={namespace}",
+        "--subresource=status", "--type=merge", "-p", '{"status": {"podIP": "127.0.0.1"}}',
+    )  # fmt: skip
+    set_job_conditions(cluster, job, "Created", "Running")
+
+    trainer = subprocess.Popen(
+        [Path(sys.executable).parent / "chatflow", "train", "-f", str(manifest),
+         "--output", str(tmp_path / "out"), "--cache-dir", str(cache_dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        progress = wait_for(
+            lambda: (
+                (p := run_status(cluster, namespace, "tiny").get("progress", {})).get(
+                    "lastCheckpointStep"
+                )
+                and p
+            ),
+            "progress with a checkpoint in the run's status",
+            timeout=240,
+        )
+    finally:
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait(timeout=120)
+    run = load_run(manifest)
+    batch = run.spec.training.global_batch_size
+    assert progress["step"] >= progress["lastCheckpointStep"] >= 2
+    assert progress["samples"] == progress["step"] * batch
+    assert progress["fraction"] == pytest.approx(progress["samples"] / (1000 * batch))
+    assert set(progress["targetWeights"]) == set(run.spec.source_names)
+    assert sum(progress["targetWeights"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert progress["schedulePhase"]
+    printed = cluster.kubectl("get", "cfr", "tiny", f"--namespace={namespace}").stdout
+    assert "Running" in printed
