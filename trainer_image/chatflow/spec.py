@@ -119,7 +119,7 @@ class SourceSpec(_Spec):
     """One corpus. `kind` decides how its records become training tokens."""
 
     model_config = cel(
-        ("language", "self.kind == 'parallel' || has(self.language)", "required for this kind"),
+        ("language", "self.kind != 'pretrain' || has(self.language)", "required for kind pretrain"),
         (
             "format",
             "self.kind != 'instruction' || has(self.format)",
