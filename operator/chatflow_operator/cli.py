@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # kopf logs every handler call of every object; our reconciler logs what it changes.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.metrics_port:
         metrics.serve(args.metrics_port)
     kopf.run(

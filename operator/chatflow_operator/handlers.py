@@ -5,8 +5,7 @@ What triggers a reconcile of a run:
 - any event of one of its PyTorchJobs or ConfigMaps (status changes, deletion);
 - a timer while the job runs, which also reads the trainer's progress.
 
-kopf keeps its own bookkeeping in annotations, not in the status: the CRD's structural schema would
-prune an undeclared `status.kopf`.
+kopf keeps its bookkeeping in memory (see bookkeeping.py), not in annotations or the status.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import kopf
 
 from chatflow.spec import API_GROUP
 from chatflow_operator import metrics, render
+from chatflow_operator.bookkeeping import MemoryDiffBase, MemoryProgress
 from chatflow_operator.kube import ApiError, Kube
 from chatflow_operator.reconcile import ChildConflict, Reconciler
 
@@ -54,10 +54,8 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=API_GROUP, key="last-handled-spec"
-        )
+        memo.progress = settings.persistence.progress_storage = MemoryProgress()
+        memo.diffbase = settings.persistence.diffbase_storage = MemoryDiffBase()
         settings.persistence.finalizer = f"{API_GROUP}/progress-timer"
         # Our own Events describe transitions; kopf's per-handler chatter stays in the log.
         settings.posting.level = logging.WARNING
@@ -69,7 +67,12 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
             settings.watching.label_selectors[resource] = render.RUN_LABEL
         memo.reconciler = Reconciler(Kube(), post_event)
 
-    @kopf.on.resume(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
+    @kopf.on.resume(*RUNS, id="startup", backoff=RETRY_SECONDS, registry=registry)
+    def run_found(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # At startup nothing says which children went missing while no operator watched.
+        with reconciling("run"):
+            memo.reconciler.reconcile(dict(body), check_config=True)
+
     @kopf.on.create(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
     @kopf.on.update(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
     def run_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -92,15 +95,28 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
         with reconciling("progress"):
             memo.reconciler.reconcile(dict(body), scrape=True)
 
+    # Our own creations (ADDED) need no second look; status changes and deletions do.
     @kopf.on.event(*JOBS, labels=CHILD, registry=registry)
+    def job_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if type in ("MODIFIED", "DELETED"):
+            with reconciling("child"):
+                memo.reconciler.reconcile_child(dict(body))
+
+    # ConfigMaps are immutable: only their deletion matters.
     @kopf.on.event(*CONFIG_MAPS, labels=CHILD, registry=registry)
-    def child_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        with reconciling("child"):
-            memo.reconciler.reconcile_child(dict(body))
+    def config_deleted(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if type == "DELETED":
+            with reconciling("child"):
+                memo.reconciler.reconcile_child(dict(body), check_config=True)
 
     @kopf.on.event(*RUNS, registry=registry)
-    def count_phases(type: str, body: kopf.Body, **_: Any) -> None:
+    async def count_phases(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        # async: runs on the event loop, no trip to the thread pool for every event of every run
+        uid = body["metadata"]["uid"]
+        if type == "DELETED":
+            memo.diffbase.forget(uid)
+            memo.progress.forget(uid)
         phase = None if type == "DELETED" else (body.get("status") or {}).get("phase", "Pending")
-        metrics.run_phase(body["metadata"]["uid"], phase)
+        metrics.run_phase(uid, phase)
 
     return registry

@@ -44,32 +44,46 @@ def _owned_by(child: dict[str, Any], run: dict[str, Any]) -> bool:
 class Reconciler:
     def __init__(self, kube: Kube, post_event: EventSink) -> None:
         self.kube = kube
-        self.post_event = post_event
+        self._post_event = post_event
         # Job events and the run's own handlers may reconcile one run at once from different
         # threads; one at a time per run keeps each pass's read-then-write consistent.
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
-    def reconcile_child(self, child: dict[str, Any]) -> dict[str, Any] | None:
+    def post_event(self, run: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        """An Event on the run, and the same line in the log."""
+        meta = run["metadata"]
+        log.info("%s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
+        self._post_event(run, kind, reason, message)
+
+    def reconcile_child(self, child: dict[str, Any], check_config: bool = False) -> None:
         """Reconcile the run a child belongs to, read afresh: the child's event may have raced
         with another pass that has just written the run's status."""
         meta = child["metadata"]
         run_name = (meta.get("labels") or {}).get(render.RUN_LABEL)
         if not run_name:
-            return None
+            return
         with self._locks[meta["namespace"], run_name]:
             run = self.kube.get(RUNS, meta["namespace"], run_name)
             if run is None or run["metadata"].get("deletionTimestamp"):
-                return None  # the run is gone or going: garbage collection takes the children
-            return self._reconcile(run, scrape=False)
+                return  # the run is gone or going: garbage collection takes the children
+            self._reconcile(run, check_config=check_config)
 
-    def reconcile(self, run: dict[str, Any], scrape: bool = False) -> dict[str, Any]:
-        """Converge and write the status; returns it. `scrape` reads the trainer's progress."""
+    def reconcile(
+        self, run: dict[str, Any], *, scrape: bool = False, check_config: bool = False
+    ) -> dict[str, Any]:
+        """Converge and write the status; returns it.
+
+        Every pass lists the run's jobs. `check_config` also looks for the current job's ConfigMap
+        (on startup, and when one was deleted); `scrape` reads a running trainer's progress.
+        """
         with self._locks[run["metadata"]["namespace"], run["metadata"]["name"]]:
-            return self._reconcile(run, scrape)
+            return self._reconcile(run, scrape=scrape, check_config=check_config)
 
-    def _reconcile(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
+    def _reconcile(
+        self, run: dict[str, Any], *, scrape: bool = False, check_config: bool = False
+    ) -> dict[str, Any]:
         meta = run["metadata"]
-        new = self._converge(run, scrape)
+        new = self._converge(run, scrape, check_config)
         old = run.get("status") or {}
         if new != old:
             removed = {key: None for key in old if key not in new}  # merge patch deletes
@@ -82,7 +96,7 @@ class Reconciler:
                 self.post_event(run, kind, *event)
         return new
 
-    def _converge(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
+    def _converge(self, run: dict[str, Any], scrape: bool, check_config: bool) -> dict[str, Any]:
         meta = run["metadata"]
         namespace, selector = meta["namespace"], f"{render.RUN_LABEL}={meta['name']}"
         want = render.job_name(run)
@@ -106,14 +120,11 @@ class Reconciler:
                 # Foreground: the job object stays until its pods are gone, so the new job cannot
                 # start writing checkpoints while the old pods still save theirs.
                 self.kube.delete(JOBS, namespace, name, foreground=True)
+                self.kube.delete(CONFIG_MAPS, namespace, name)  # named after its job
                 restarts += 1
                 self.post_event(
                     run, "Normal", "Restarting", f"spec changed: replacing job {name} with {want}"
                 )
-        for config in self.kube.list(CONFIG_MAPS, namespace, selector):
-            name = config["metadata"]["name"]
-            if name != want and name not in jobs and _owned_by(config, run):
-                self.kube.delete(CONFIG_MAPS, namespace, name)
         if replacing:
             return status.run_status(
                 run, want, None, replacing=replacing, restarts=restarts, now=now()
@@ -121,11 +132,15 @@ class Reconciler:
         if finished and current is None:
             return old
 
-        if not finished:
-            self._ensure(run, render.config_map(run), CONFIG_MAPS)
         if current is None:
+            # The ConfigMap first: the job's pods mount it.
+            self._ensure(run, render.config_map(run), CONFIG_MAPS)
             current = self._ensure(run, render.pytorch_job(run), JOBS)
+            self.post_event(run, "Normal", "Created", f"created ConfigMap and PyTorchJob {want}")
         else:
+            if check_config and not finished and not self.kube.get(CONFIG_MAPS, namespace, want):
+                self._ensure(run, render.config_map(run), CONFIG_MAPS)
+                self.post_event(run, "Normal", "Created", f"re-created ConfigMap {want}")
             current = self._adopt(run, current, JOBS)
             policy = render.run_policy_patch(run, current)
             if policy:
@@ -148,7 +163,6 @@ class Reconciler:
             if existing is None:  # deleted between the two calls; the next pass creates it
                 raise
             return self._adopt(run, existing, kind)
-        self.post_event(run, "Normal", "Created", f"created {child['kind']} {meta['name']}")
         return created
 
     def _adopt(self, run: dict[str, Any], child: dict[str, Any], kind: Any) -> dict[str, Any]:

@@ -104,8 +104,8 @@ def run_status(
 def transition(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, str] | None:
     """(reason, message) of the Event to post when the phase changed, else None."""
     before = (old or {}).get("phase")
-    if before == new["phase"]:
-        return None
+    if before == new["phase"] or (before is None and new["phase"] == "Pending"):
+        return None  # a new run is pending: the Created event says so
     current = next(
         (c for c in new.get("conditions", []) if c["status"] == "True" and c["type"] != "Created"),
         None,
