@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from chatflow_operator.crd import crd, crd_yaml, schema
+from chatflow_operator.reference import reference
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "manifests" / "base" / "crd.yaml"
@@ -74,3 +75,11 @@ def test_crd_metadata() -> None:
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns[:2] == ["Phase", "Progress"] and "Nodes" in columns and columns[-1] == "Age"
     assert yaml.safe_load(crd_yaml()) == document
+
+
+def test_committed_reference_is_the_generated_one() -> None:
+    committed = (REPO / "docs" / "reference.md").read_text()
+    assert committed == reference(), (
+        "docs/reference.md is stale: "
+        "run `python -m chatflow_operator.reference > docs/reference.md`"
+    )

@@ -95,6 +95,8 @@ class ExtendVocab(_Spec):
 
 
 class ModelSpec(_Spec):
+    """The causal LM to continue training (LLaMA-2 in ChatFlow) and its tokenizer."""
+
     base: str = Field(min_length=1, description="Hugging Face model id or local directory")
     tokenizer: str | None = Field(None, description="tokenizer id or directory; defaults to `base`")
     extend_vocab: ExtendVocab | None = None
@@ -170,15 +172,22 @@ class SourceSpec(_Spec):
         ),
     )
 
-    name: str = Field(pattern=NAME_PATTERN, max_length=63)
-    kind: Literal["pretrain", "parallel", "instruction"]
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=63,
+        description="the source's name in schedules, metrics and logs",
+    )
+    kind: Literal["pretrain", "parallel", "instruction"] = Field(
+        description="pretrain: plain text; parallel: translation pairs rendered through "
+        "`template`; instruction: conversations trained on the assistant's turns only"
+    )
     path: str = Field(
         min_length=1,
         description="Hugging Face hub dataset id, or a local file, directory or glob "
         "(.json, .jsonl, .parquet, .txt, .arrow); relative paths are relative to the manifest",
     )
     subset: str | None = Field(None, description="hub dataset configuration name")
-    split: str = "train"
+    split: str = Field("train", description="dataset split to read")
     streaming: bool = Field(False, description="read the corpus as a stream (large corpora)")
     language: Language | None = Field(None, description="pretrain and instruction sources")
     languages: tuple[Language, Language] | None = Field(
@@ -241,7 +250,10 @@ class SourceSpec(_Spec):
 
 
 class DataSpec(_Spec):
+    """The corpora the dynamic sampler draws from."""
+
     sources: list[SourceSpec] = Field(
+        description="the corpora, each named and of one kind",
         min_length=1,
         max_length=MAX_SOURCES,
         # A list keyed by name: the API server itself rejects a duplicate name.
@@ -342,8 +354,18 @@ class ScheduleSpec(_Spec):
     )
     start: Weights | None = None
     end: Weights | None = None
-    stages: list[Stage] | None = Field(None, min_length=1, max_length=MAX_SCHEDULE_ENTRIES)
-    points: list[Point] | None = Field(None, min_length=1, max_length=MAX_SCHEDULE_ENTRIES)
+    stages: list[Stage] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SCHEDULE_ENTRIES,
+        description="stages: constant mixtures, each until a progress",
+    )
+    points: list[Point] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_SCHEDULE_ENTRIES,
+        description="points: mixtures at progresses, linear in between",
+    )
 
     @model_validator(mode="after")
     def _shape_of_curve(self) -> ScheduleSpec:
@@ -409,6 +431,8 @@ class EvalSpec(_Spec):
 
 
 class TrainingSpec(_Spec):
+    """Sequence length, batch sizes, how long to train, and DeepSpeed settings."""
+
     model_config = cel(
         (
             "maxSamples",
@@ -509,8 +533,10 @@ class Resources(_Spec):
         )
     )
 
-    requests: dict[str, Quantity] = Field(default_factory=dict)
-    limits: dict[str, Quantity] = Field(default_factory=dict)
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="e.g. cpu: 32, memory: 512Gi"
+    )
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. memory: 1Ti")
 
     @model_validator(mode="after")
     def _no_gpus(self) -> Resources:
@@ -590,14 +616,18 @@ class Toleration(_Spec):
 class Scheduling(_Spec):
     """Where the pods may run; passed to every pod of the job as written."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels the pods require"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="taints the pods tolerate (e.g. nvidia.com/gpu)"
+    )
     affinity: dict[str, Any] | None = Field(
         None,
         description="a core/v1 Affinity, passed through unchecked",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
-    priority_class_name: str | None = None
+    priority_class_name: str | None = Field(None, description="the pods' PriorityClass")
 
 
 class RunPolicy(_Spec):
@@ -654,7 +684,9 @@ class ChatFlowRunSpec(_Spec):
     )
     resources: Resources = Resources()
     storage: Storage | None = None
-    env: list[EnvVar] = Field(default_factory=list)
+    env: list[EnvVar] = Field(
+        default_factory=list, description="the trainer's environment, e.g. HF_TOKEN from a Secret"
+    )
     scheduling: Scheduling = Scheduling()
     queue_name: str | None = Field(
         None, description="Kueue LocalQueue: Kueue admits (unsuspends) the job when it fits"
