@@ -110,12 +110,14 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
                 memo.reconciler.reconcile_child(dict(body), check_config=True)
 
     @kopf.on.event(*RUNS, registry=registry)
-    async def count_phases(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        # async: runs on the event loop, no trip to the thread pool for every event of every run
+    async def run_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        """Every event of every run: count runs by phase; forget deleted ones. async: it runs on
+        the event loop, without a trip to the thread pool."""
         uid = body["metadata"]["uid"]
         if type == "DELETED":
             memo.diffbase.forget(uid)
             memo.progress.forget(uid)
+            memo.reconciler.forget(body["metadata"]["namespace"], body["metadata"]["name"])
         phase = None if type == "DELETED" else (body.get("status") or {}).get("phase", "Pending")
         metrics.run_phase(uid, phase)
 

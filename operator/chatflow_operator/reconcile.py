@@ -49,6 +49,10 @@ class Reconciler:
         # threads; one at a time per run keeps each pass's read-then-write consistent.
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop what is kept about a deleted run."""
+        self._locks.pop((namespace, name), None)
+
     def post_event(self, run: dict[str, Any], kind: str, reason: str, message: str) -> None:
         """An Event on the run, and the same line in the log."""
         meta = run["metadata"]
