@@ -68,14 +68,25 @@ def install_operator_manifests(cp: ControlPlane) -> None:
     cp.kubectl("apply", "--server-side", "-k", base)
 
 
+def install_namespaced_operator(cp: ControlPlane, namespace: str) -> None:
+    """The namespaced overlay, retargeted from its example namespace to `namespace`."""
+    overlay = cp.kubectl("kustomize", str(REPO / "manifests" / "overlays" / "namespaced")).stdout
+    cp.kubectl("apply", "--server-side", "-f", "-", input=overlay.replace("ml-team", namespace))
+
+
 class Operator:
     """`chatflow-operator run` as a child process, acting as the ServiceAccount in manifests/."""
 
-    def __init__(self, cp: ControlPlane, workdir: Path) -> None:
+    def __init__(self, cp: ControlPlane, workdir: Path, namespace: str | None = None) -> None:
+        """Cluster-wide as installed by manifests/base; with `namespace`, watching only that
+        namespace as its ServiceAccount there (manifests/overlays/namespaced)."""
         priority = next(_priorities)
         self.kubeconfig = cp.kubeconfig_for_service_account(
-            OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, workdir / f"operator-{priority}.kubeconfig"
+            namespace or OPERATOR_NAMESPACE,
+            OPERATOR_ACCOUNT,
+            workdir / f"operator-{priority}.kubeconfig",
         )
+        self.scope = f"--namespace={namespace}" if namespace else "--all-namespaces"
         self.log_path = workdir / f"operator-{priority}.log"
         self.priority = priority
         self.metrics_port = free_port()
@@ -85,7 +96,7 @@ class Operator:
     def start(self) -> Operator:
         command = [
             sys.executable, "-m", "chatflow_operator", "run",
-            "--all-namespaces",
+            self.scope,
             "--peering=chatflow-operator",
             f"--priority={self.priority}",
             f"--metrics-port={self.metrics_port}",

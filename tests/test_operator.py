@@ -20,7 +20,15 @@ import yaml
 
 from chatflow.spec import load_run
 from chatflow_operator.status import JOB_PHASES
-from cluster import REPO, Operator, free_port, get, items, wait_for
+from cluster import (
+    REPO,
+    Operator,
+    free_port,
+    get,
+    install_namespaced_operator,
+    items,
+    wait_for,
+)
 from controlplane import ControlPlane
 from factories import tiny_manifest
 
@@ -270,6 +278,24 @@ def test_killed_between_config_map_and_job_converges_to_one_of_each(
         assert len(items(cluster, "configmaps", namespace, "chatflow.io/run")) == 1
     finally:
         second.stop()
+
+
+def test_namespaced_operator_watches_only_its_namespace(
+    cluster: ControlPlane, tmp_path: Path, namespace: str
+) -> None:
+    other = f"{namespace}-other"
+    cluster.kubectl("create", "namespace", other)
+    install_namespaced_operator(cluster, namespace)
+    operator = Operator(cluster, tmp_path, namespace=namespace).start()
+    try:
+        apply_run(cluster, other, EXAMPLES / "tiny.yaml")
+        apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+        the_job(cluster, namespace, "tiny")
+        wait_for(lambda: run_status(cluster, namespace, "tiny").get("phase"), "a status")
+        assert items(cluster, JOBS, other) == []
+        assert "Forbidden" not in operator.log() and "403" not in operator.log()
+    finally:
+        operator.stop()
 
 
 def test_operator_account_is_least_privilege(cluster: ControlPlane) -> None:

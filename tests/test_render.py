@@ -82,6 +82,7 @@ def test_job_is_master_plus_workers_with_one_process_per_gpu() -> None:
     assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
     assert pod["priorityClassName"] == "training"
     assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 65532
     (container,) = pod["containers"]
     assert container["name"] == "pytorch" and container["image"] == "registry.example/trainer:1"
     assert container["command"] == ["torchrun", "-m", "chatflow.train"]

@@ -35,6 +35,9 @@ SCRATCH_MOUNT = "/data"  # an emptyDir stands in when the run has no `storage`
 IN_PLACE_FIELDS = ("suspend", "runPolicy")
 _RUN_POLICY_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
 
+# The trainer image's user (trainer_image/Dockerfile). fsGroup makes a fresh PVC writable for it.
+TRAINER_UID = 65532
+
 # Time the trainer gets between SIGTERM and SIGKILL to write its checkpoint (suspend, restart,
 # preemption). A 7B model under ZeRO-3 writes ~100 GB to a shared volume.
 TERMINATION_GRACE_SECONDS = 900
@@ -166,6 +169,12 @@ def _pod_template(run: ChatFlowRun, config_name: str) -> dict[str, Any]:
     pod: dict[str, Any] = {
         # The trainer never calls the Kubernetes API.
         "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+        },
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "containers": [_container(run)],
         "volumes": [
