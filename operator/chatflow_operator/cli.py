@@ -15,7 +15,12 @@ from chatflow_operator import crd, handlers, metrics
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatflow-operator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("crd", help="print the ChatFlowRun CustomResourceDefinition (YAML)")
+    crd_command = commands.add_parser(
+        "crd", help="print the ChatFlowRun CustomResourceDefinition (YAML)"
+    )
+    crd_command.add_argument(
+        "--helm", action="store_true", help="as the Helm chart's template (templates/crd.yaml)"
+    )
     run = commands.add_parser("run", help="reconcile ChatFlowRuns into PyTorchJobs")
     scope = run.add_mutually_exclusive_group(required=True)
     scope.add_argument(
@@ -43,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "crd":
-        sys.stdout.write(crd.crd_yaml())
+        sys.stdout.write(crd.crd_helm_template() if args.helm else crd.crd_yaml())
         return 0
 
     logging.basicConfig(

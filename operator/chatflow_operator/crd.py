@@ -5,12 +5,14 @@ Pydantic writes JSON Schema; Kubernetes wants a structural OpenAPI v3 schema: no
 and `x-kubernetes-*` markers instead of free-form objects. `structural` does that translation;
 everything else (types, bounds, enums, defaults, descriptions, CEL rules) comes from the models.
 
-`manifests/base/crd.yaml` is this module's output; tests/test_crd.py fails when they differ.
+`manifests/base/crd.yaml` is this module's output; tests/test_crd.py fails when they differ. So is
+the Helm chart's `templates/crd.yaml` (`crd_helm_template`), checked by tests/test_helm.py.
 """
 
 from __future__ import annotations
 
 import copy
+import textwrap
 from typing import Any
 
 import yaml
@@ -133,3 +135,31 @@ def crd() -> dict[str, Any]:
 def crd_yaml() -> str:
     header = "# Generated from chatflow/spec.py by `chatflow-operator crd`; do not edit.\n"
     return header + yaml.safe_dump(crd(), sort_keys=False, allow_unicode=True, width=100)
+
+
+HELM_HEADER = """\
+{{- /* Generated from chatflow/spec.py by `chatflow-operator crd --helm`; do not edit.
+A template, not in crds/: Helm installs crds/ once and never upgrades them, so a changed
+schema would never reach the cluster. `keep`: `helm uninstall` leaves the CRD, whose deletion
+would delete every ChatFlowRun with it. */ -}}
+{{- if .Values.crds.install }}
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: %s
+  labels:
+    {{- include "chatflow-operator.labels" . | nindent 4 }}
+  annotations:
+    helm.sh/resource-policy: keep
+spec:
+"""
+
+
+def crd_helm_template() -> str:
+    """The CRD as the Helm chart's template (charts/chatflow-operator/templates/crd.yaml)."""
+    document = crd()
+    spec = yaml.safe_dump(document["spec"], sort_keys=False, allow_unicode=True, width=100)
+    if "{{" in spec:  # Helm would read it as a template action
+        raise ValueError("the CRD's spec contains '{{', which Helm would read as a template")
+    body = textwrap.indent(spec, "  ")
+    return HELM_HEADER % document["metadata"]["name"] + body + "{{- end }}\n"
