@@ -33,11 +33,10 @@ import kubernetes
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from chatflow_operator import render  # noqa: E402
 from cluster import Operator, install_operator_manifests  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 from factories import run_document  # noqa: E402
-
-from chatflow_operator import render  # noqa: E402
 
 
 class JobWatch:

@@ -4,6 +4,7 @@
     chatflow schedule -f RUN.yaml    the planned mixture over the run, with warnings
     chatflow sample -f RUN.yaml      which source each global sample index comes from
     chatflow train -f RUN.yaml       train on this machine (torchrun, one process per device)
+    chatflow report --history FILE   plot a run's mixture and held-out loss (or --prometheus URL)
 
 Errors in the input are one line each, naming the field, with exit status 2.
 """
@@ -99,6 +100,26 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--decode", action="store_true", help="read the data: show each sample's block and text"
     )
+    report = command(
+        "report",
+        _report,
+        "plot a run's planned vs realised mixture and held-out loss per source",
+        run_file=False,
+    )
+    origin = report.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--prometheus", metavar="URL", help="read the run from this Prometheus")
+    origin.add_argument(
+        "--history", type=Path, metavar="FILE", help="read the trainer's <output>/history.jsonl"
+    )
+    report.add_argument("--run", help="the ChatFlowRun's name (required with --prometheus)")
+    report.add_argument("--namespace", help="the run's namespace (default: any)")
+    report.add_argument(
+        "--start", help="--prometheus: from (Unix seconds or RFC 3339; default: 30 days ago)"
+    )
+    report.add_argument("--end", help="--prometheus: until (default: now)")
+    report.add_argument(
+        "-o", "--output", type=Path, default=Path("report.png"), help="the PNG (a .json beside it)"
+    )
     return parser
 
 
@@ -167,6 +188,27 @@ def _train(args: argparse.Namespace) -> int:
     processes = args.nproc or torch.cuda.device_count() or 2
     output = args.output or Path("runs") / run.metadata.name
     return launch(args.file, run, output, args.cache_dir, processes, args.log_samples)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from chatflow import report
+    from chatflow.observability.prometheus import PrometheusError
+
+    if args.history:
+        data = report.from_history(args.history, args.run)
+    elif not args.run:
+        raise SpecError("--run: required with --prometheus")
+    else:
+        try:
+            data = report.from_prometheus(
+                args.prometheus, args.run, args.namespace, args.start, args.end
+            )
+        except PrometheusError as e:
+            print(f"chatflow: error: --prometheus: {e}", file=sys.stderr)
+            return 1
+    report.plot(data, args.output)
+    print(f"wrote {args.output} and {args.output.with_suffix('.json')}", file=sys.stderr)
+    return 0
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from chatflow.observability.generate import main
+
+sys.exit(main())
