@@ -101,9 +101,7 @@ def floor(api: kubernetes.client.ApiClient, namespace: str, count: int) -> dict[
     return {"total_s": max(watch.seen.values()) - start}
 
 
-def with_operator(
-    api: kubernetes.client.ApiClient, namespace: str, count: int
-) -> dict[str, float]:
+def with_operator(api: kubernetes.client.ApiClient, namespace: str, count: int) -> dict[str, float]:
     create_namespace(api, namespace)
     objects = kubernetes.client.CustomObjectsApi(api)
     documents = runs(namespace, count)
@@ -117,9 +115,7 @@ def with_operator(
         created[document["metadata"]["name"]] = time.perf_counter()
     if not watch.done.wait(timeout=300):
         raise RuntimeError(f"only {len(watch.seen)} of {count} jobs appeared")
-    latencies = sorted(
-        watch.seen[name] - created[name.rsplit("-", 1)[0]] for name in watch.seen
-    )
+    latencies = sorted(watch.seen[name] - created[name.rsplit("-", 1)[0]] for name in watch.seen)
     return {
         "total_s": max(watch.seen.values()) - start,
         "create_loop_s": max(created.values()) - start,
