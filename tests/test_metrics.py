@@ -70,6 +70,7 @@ def test_every_family_is_served_with_bounded_labels() -> None:
         "chatflow_source_epochs",
         "chatflow_heldout_loss",
         "chatflow_heldout_perplexity",
+        "chatflow_source_max_epochs",
     }
     run_only = {
         "chatflow_schedule_progress_ratio",

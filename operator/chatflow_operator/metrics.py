@@ -27,6 +27,14 @@ DURATION = Histogram(
     "chatflow_operator_reconcile_duration_seconds", "time of one reconcile pass", ["trigger"]
 )
 RUNS = Gauge("chatflow_operator_runs", "ChatFlowRuns watched, by phase", ["phase"])
+TRIGGERS = ("run", "child", "progress")
+
+# Every series exists from the start, at 0: rate() and alerts need no `or vector(0)`.
+for _trigger in TRIGGERS:
+    for _family in (RECONCILES, ERRORS, DURATION):
+        _family.labels(_trigger)
+for _phase in Phase.__args__:
+    RUNS.labels(_phase)
 
 _phases: dict[str, str] = {}
 _phases_lock = threading.Lock()

@@ -102,11 +102,10 @@ TRAINER_UP = Query(
 )
 SAMPLE_RATE = Query(f"sum(rate(chatflow_samples_total{{{RUN}}}[{WINDOW}]))", "samples/s")
 OPERATOR_UP = Query(f'up{{job="{OPERATOR_JOB}"}}', "{{instance}}")
-# Zero per trigger, not "no data", while the operator has reconciled without an error: its error
-# counter has no series before the first error.
+# The operator creates every trigger's error series at 0, so this is 0, not "no data", until the
+# first error.
 OPERATOR_ERRORS = Query(
-    f"sum by (trigger) (rate(chatflow_operator_reconcile_errors_total[{WINDOW}]))"
-    f" or sum by (trigger) (rate(chatflow_operator_reconciles_total[{WINDOW}])) * 0",
+    f"sum by (trigger) (rate(chatflow_operator_reconcile_errors_total[{WINDOW}]))",
     "{{trigger}}",
 )
 OPERATOR_RUNS = Query("sum by (phase) (chatflow_operator_runs)", "{{phase}}")
@@ -124,9 +123,11 @@ THROUGHPUT_DROPPED = (
     "avg_over_time(chatflow_tokens_per_second[10m])"
     " < 0.5 * avg_over_time(chatflow_tokens_per_second[1h])"
 )
-# A source past its first full pass is being repeated. The spec's maxEpochs is not exported, so
-# how close the run is to stopping (it fails past the limit, which RUN_FAILED reports) is unknown.
+# A source past its first full pass is being repeated.
 SOURCE_REPEATING = "chatflow_source_epochs >= 1"
+# A source past 90% of its maxEpochs: the run fails when it passes the limit (RUN_FAILED). Sources
+# without a limit have no chatflow_source_max_epochs series, so they never match.
+SOURCE_NEAR_EPOCH_LIMIT = "chatflow_source_epochs / chatflow_source_max_epochs > 0.9"
 # Held-out loss 5% above its best of the last 2 hours. As the mixture moves off a source (English,
 # say), its loss rising is the forgetting that cross-lingual transfer should prevent.
 HELDOUT_LOSS_RISING = "chatflow_heldout_loss > 1.05 * min_over_time(chatflow_heldout_loss[2h])"

@@ -77,6 +77,15 @@ ALERTS = (
         "the run fails.",
     ),
     Alert(
+        "ChatFlowSourceNearEpochLimit",
+        q.SOURCE_NEAR_EPOCH_LIMIT,
+        "warning",
+        "A ChatFlowRun nears a source's maxEpochs",
+        f"{WHICH_RUN} has used {{{{ $value | humanizePercentage }}}} of the passes over source "
+        "{{ $labels.source }} that its maxEpochs allows; past the limit the run fails. Raise "
+        "maxEpochs, add data, or lower the source's weight.",
+    ),
+    Alert(
         "ChatFlowHeldOutLossRising",
         q.HELDOUT_LOSS_RISING,
         "warning",

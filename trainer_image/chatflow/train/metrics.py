@@ -79,6 +79,14 @@ class TrainerMetrics:
         self._source_epochs = gauge(
             "chatflow_source_epochs", "passes made over the source", SOURCE_LABELS
         )
+        max_epochs = gauge(
+            "chatflow_source_max_epochs",
+            "passes over the source the run may make (maxEpochs); absent when unlimited",
+            SOURCE_LABELS,
+        )
+        for labels, source in zip(self._source_labels, sources, strict=True):
+            if source.max_epochs is not None:
+                max_epochs.labels(*labels).set(source.max_epochs)
         self._samples = counter("chatflow_samples_total", "samples trained on")
         self._tokens = counter("chatflow_tokens_total", "tokens trained on")
         self._step_index = gauge("chatflow_step", "optimizer steps completed")
