@@ -6,7 +6,7 @@ UV_VERSION := 0.13.8
 TINY := manifests/examples/tiny.yaml
 DEEPSPEED_BUILD_DEPS := setuptools wheel packaging psutil ninja py-cpuinfo hjson msgpack einops
 
-.PHONY: setup run test lint controlplane
+.PHONY: setup run test lint generate controlplane
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,15 @@ run: setup
 	$(BIN)/chatflow example tiny --dest manifests/examples/tiny-assets
 	$(BIN)/chatflow schedule -f $(TINY) --png runs/tiny/schedule.png
 	$(BIN)/chatflow train -f $(TINY) --output runs/tiny
+	$(BIN)/chatflow report --history runs/tiny/history.jsonl -o runs/tiny/report.png
+
+# Files generated from code (the spec models, the dashboard and alert rules); tests fail when a
+# committed copy differs from what this writes.
+generate: setup
+	$(BIN)/chatflow-operator crd > manifests/base/crd.yaml
+	$(BIN)/chatflow-operator crd --helm > charts/chatflow-operator/templates/crd.yaml
+	$(BIN)/python -m chatflow_operator.reference > docs/reference.md
+	$(BIN)/python -m chatflow.observability
 
 lint: setup
 	$(BIN)/ruff check .
