@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from chatflow.spec import load_run
+from chatflow.spec import load_run, parse_run
 from chatflow_operator.status import JOB_PHASES
 from cluster import (
     REPO,
@@ -123,6 +123,24 @@ def test_examples_become_jobs_and_config_maps(
     assert status["jobName"] == tiny["metadata"]["name"]
     printed = cluster.kubectl("get", "cfr", f"--namespace={namespace}").stdout
     assert printed.split("\n")[0].split()[:4] == ["NAME", "PHASE", "PROGRESS", "STEP"]
+
+
+def test_tiny_example_for_cpu_clusters_reads_the_images_assets(
+    cluster: ControlPlane, operator: Operator, namespace: str, tiny_example: Path
+) -> None:
+    cluster.kubectl("apply", f"--namespace={namespace}", "-k", str(EXAMPLES))
+    job = the_job(cluster, namespace, "tiny")
+    assert job["spec"]["nprocPerNode"] == "1"
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    config = get(cluster, "configmap", job["metadata"]["name"], namespace)
+    spec = parse_run(yaml.safe_load(config["data"]["run.yaml"])).spec
+    paths = [spec.model.base, spec.model.tokenizer, spec.model.extend_vocab.tokens_file]
+    paths += [source.path for source in spec.data.sources]
+    image_assets = "/opt/chatflow/examples/tiny-assets/"  # trainer_image/Dockerfile builds them
+    local_assets = tiny_example.parent / "tiny-assets"
+    for path in paths:
+        assert path.startswith(image_assets), path
+        assert (local_assets / path.removeprefix(image_assets)).exists(), path
 
 
 @pytest.mark.parametrize(
