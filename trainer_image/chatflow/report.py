@@ -138,9 +138,16 @@ def from_prometheus(
     if len(found) > 1:
         spaces = ", ".join(sorted(s["metric"].get("namespace", "") for s in found))
         raise SpecError(f"--run: run {run} is in several namespaces ({spaces}): pass --namespace")
-    # The run's first sample lies within one coarse step before the first point that sees it.
+    # The run's first sample lies within one coarse step before the first point that sees it. A
+    # second search inside that span finds it to within seconds: a run much shorter than the
+    # coarse step would otherwise be drawn from a handful of points.
     times = [float(t) for t, _ in found[0]["values"]]
     begin, finish = times[0] - search_step, times[-1]
+    refine_step = max((finish - begin) / SEARCH_POINTS, 1.0)
+    times = [
+        float(t) for t, _ in series(q.SAMPLES_BY_NAMESPACE, begin, finish, refine_step)[0]["values"]
+    ]
+    begin, finish = times[0] - refine_step, times[-1]
     step = max((finish - begin) / POINTS, 1.0)
 
     samples = {t: float(v) for t, v in series(q.SAMPLES, begin, finish, step)[0]["values"]}
