@@ -27,6 +27,8 @@ RUNS = (API_GROUP, "v1alpha1", "chatflowruns")
 JOBS = ("kubeflow.org", "v1", "pytorchjobs")
 CONFIG_MAPS = ("v1", "configmaps")
 CHILD = {render.RUN_LABEL: kopf.PRESENT}
+# Handlers are synchronous (blocking HTTP) and run in a pool of this many threads.
+WORKERS = 32
 # A failed reconcile (API server unavailable, a conflict) is retried after this long.
 RETRY_SECONDS = 5
 
@@ -59,13 +61,12 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
         settings.persistence.finalizer = f"{API_GROUP}/progress-timer"
         # Our own Events describe transitions; kopf's per-handler chatter stays in the log.
         settings.posting.level = logging.WARNING
-        # Handlers are synchronous (blocking HTTP) and run in this pool; 200 runs created at once
-        # should not queue behind a handful of threads.
-        settings.execution.max_workers = 32
+        # 200 runs created at once should not queue behind a handful of threads.
+        settings.execution.max_workers = WORKERS
         # Only our children: the API server filters the watch streams, not this process.
         for resource in (JOBS, CONFIG_MAPS):
             settings.watching.label_selectors[resource] = render.RUN_LABEL
-        memo.reconciler = Reconciler(Kube(), post_event)
+        memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event)
 
     @kopf.on.resume(*RUNS, id="startup", backoff=RETRY_SECONDS, registry=registry)
     def run_found(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -45,13 +45,17 @@ class Conflict(ApiError):
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(self, api_client: client.ApiClient | None = None, connections: int = 4) -> None:
+        """`connections`: as many as threads call at once; with fewer, every call beyond them
+        opens (and TLS-handshakes) a connection of its own and drops it afterwards."""
         if api_client is None:
+            configuration = client.Configuration()
             try:
-                config.load_incluster_config()
+                config.load_incluster_config(client_configuration=configuration)
             except config.ConfigException:
-                config.load_kube_config()
-            api_client = client.ApiClient()
+                config.load_kube_config(client_configuration=configuration)
+            configuration.connection_pool_maxsize = connections
+            api_client = client.ApiClient(configuration)
         self.api_client = api_client
 
     def _call(
