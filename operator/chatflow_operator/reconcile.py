@@ -80,6 +80,10 @@ class Reconciler:
         Every pass lists the run's jobs. `check_config` also looks for the current job's ConfigMap
         (on startup, and when one was deleted); `scrape` reads a running trainer's progress.
         """
+        if run["metadata"].get("deletionTimestamp"):
+            # Going: the garbage collector takes the children, or (--cascade=orphan) frees them,
+            # and adopting them back now would make them go with it.
+            return run.get("status") or {}
         with self._locks[run["metadata"]["namespace"], run["metadata"]["name"]]:
             return self._reconcile(run, scrape=scrape, check_config=check_config)
 
@@ -142,10 +146,16 @@ class Reconciler:
             current = self._ensure(run, render.pytorch_job(run), JOBS)
             self.post_event(run, "Normal", "Created", f"created ConfigMap and PyTorchJob {want}")
         else:
-            if check_config and not finished and not self.kube.get(CONFIG_MAPS, namespace, want):
-                self._ensure(run, render.config_map(run), CONFIG_MAPS)
-                self.post_event(run, "Normal", "Created", f"re-created ConfigMap {want}")
-            current = self._adopt(run, current, JOBS)
+            if not _owned_by(current, run):
+                current = self._adopt(run, current, JOBS)
+                check_config = True  # an orphaned job's ConfigMap is most likely orphaned too
+            if check_config and not finished:
+                config = self.kube.get(CONFIG_MAPS, namespace, want)
+                if config is None:
+                    self._ensure(run, render.config_map(run), CONFIG_MAPS)
+                    self.post_event(run, "Normal", "Created", f"re-created ConfigMap {want}")
+                else:
+                    self._adopt(run, config, CONFIG_MAPS)
             policy = render.run_policy_patch(run, current)
             if policy:
                 current = self.kube.patch(JOBS, namespace, want, policy)
