@@ -378,7 +378,14 @@ def _rules(url: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_report_from_prometheus(live: Live, tmp_path: Path) -> None:
-    _wait_for_data(live, [q.expr for q in (queries.HELDOUT_LOSS, queries.SOURCE_SAMPLES)])
+    # Scraped for a few seconds, not just once: the report draws points a second or more apart.
+    _wait_for_data(
+        live,
+        [
+            f"count_over_time({name}[1m]) >= 5"
+            for name in ("chatflow_heldout_loss", "chatflow_samples_total")
+        ],
+    )
     png = tmp_path / "report.png"
     assert chatflow(
         ["report", "--prometheus", live.url, "--run", RUN, "--namespace", live.namespace,

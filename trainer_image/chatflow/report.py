@@ -147,7 +147,8 @@ def from_prometheus(
     times = [
         float(t) for t, _ in series(q.SAMPLES_BY_NAMESPACE, begin, finish, refine_step)[0]["values"]
     ]
-    begin, finish = times[0] - refine_step, times[-1]
+    # Data that arrived after the last refined point (a running run's newest) lies within a step.
+    begin, finish = times[0] - refine_step, min(times[-1] + refine_step, end_time)
     step = max((finish - begin) / POINTS, 1.0)
 
     samples = {t: float(v) for t, v in series(q.SAMPLES, begin, finish, step)[0]["values"]}
