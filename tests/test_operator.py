@@ -217,44 +217,44 @@ def test_deleted_children_are_recreated_and_collected_with_the_run(
 
 
 def test_orphaned_children_are_adopted_by_a_new_run_of_the_same_spec(
-    cluster: ControlPlane, operator: Operator, namespace: str
+    cluster: ControlPlane, operator: Operator, namespace: str, tmp_path: Path
 ) -> None:
     apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
     job = the_job(cluster, namespace, "tiny")
     name = job["metadata"]["name"]
-    # The garbage collector strips the ownerReferences: the children outlive their run, unowned.
-    cluster.kubectl("delete", RUNS, "tiny", f"--namespace={namespace}", "--cascade=orphan")
-    wait_for(
-        lambda: (
-            not get(cluster, JOBS, name, namespace)["metadata"].get("ownerReferences")
-            and not get(cluster, "configmap", name, namespace)["metadata"].get("ownerReferences")
-        ),
-        "the children to be orphaned",
-    )
-    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
-    uid = wait_for(lambda: (get(cluster, RUNS, "tiny", namespace) or {}).get("metadata"), "run")[
-        "uid"
-    ]
+
+    def owners(kind: str) -> list[str]:
+        child = get(cluster, kind, name, namespace)
+        return [o["uid"] for o in child["metadata"].get("ownerReferences", [])]
+
+    # Orphan the children while no operator watches: strip their ownerReferences, then delete the
+    # run. (Not `--cascade=orphan`: a garbage collector that has not yet seen a just-created
+    # child deletes it later as the garbage of a vanished owner.)
+    operator.stop()
     for kind in (JOBS, "configmap"):
+        cluster.kubectl(
+            "patch", kind, name, f"--namespace={namespace}", "--type=json",
+            "-p", '[{"op": "remove", "path": "/metadata/ownerReferences"}]',
+        )  # fmt: skip
+    cluster.kubectl("delete", RUNS, "tiny", f"--namespace={namespace}")
+    assert owners(JOBS) == owners("configmap") == []
+    successor = Operator(cluster, tmp_path).start()
+    try:
+        apply_run(cluster, namespace, EXAMPLES / "tiny.yaml")
+        uid = wait_for(lambda: get(cluster, RUNS, "tiny", namespace), "the new run")["metadata"][
+            "uid"
+        ]
+        for kind in (JOBS, "configmap"):
+            wait_for(lambda kind=kind: owners(kind) == [uid], f"the {kind} to be adopted")
         wait_for(
-            lambda kind=kind: (
-                [
-                    o["uid"]
-                    for o in get(cluster, kind, name, namespace)["metadata"].get(
-                        "ownerReferences", []
-                    )
-                ]
-                == [uid]
-            ),
-            f"the {kind} to be adopted",
+            lambda: "Adopted" in [reason for reason, _ in events(cluster, namespace, "tiny")],
+            "the Adopted event",
         )
+    finally:
+        successor.stop()
     assert [j["metadata"]["uid"] for j in items(cluster, JOBS, namespace)] == [
         job["metadata"]["uid"]
     ]
-    wait_for(
-        lambda: "Adopted" in [reason for reason, _ in events(cluster, namespace, "tiny")],
-        "the Adopted event",
-    )
 
 
 def test_suspend_and_resume_patch_the_job_in_place(

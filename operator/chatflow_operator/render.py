@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun
+from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun, RunPolicy
 
 JOB_API_VERSION = "kubeflow.org/v1"
 JOB_KIND = "PyTorchJob"
@@ -33,7 +33,8 @@ SCRATCH_MOUNT = "/data"  # an emptyDir stands in when the run has no `storage`
 
 # Fields a running PyTorchJob takes in place; every other spec change restarts the run.
 IN_PLACE_FIELDS = ("suspend", "runPolicy")
-_RUN_POLICY_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
+# The job's runPolicy fields the run owns: `suspend`, and those of the run's own runPolicy.
+_RUN_POLICY_FIELDS = ("suspend", *(field.alias for field in RunPolicy.model_fields.values()))
 
 # The trainer image's user (trainer_image/Dockerfile). fsGroup makes a fresh PVC writable for it.
 TRAINER_UID = 65532
