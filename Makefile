@@ -4,22 +4,31 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.8
 TINY := manifests/examples/tiny.yaml
-DEEPSPEED_BUILD_DEPS := setuptools wheel packaging psutil ninja py-cpuinfo hjson msgpack einops
 
-.PHONY: setup run test lint generate controlplane
+.PHONY: setup lock run test lint generate controlplane
 
 setup: $(VENV)/.installed
 
-# uv resolves and installs the multi-GB torch stack in seconds and caches it in ~/.cache/uv.
-# DeepSpeed ships as a source distribution whose setup imports torch: torch and its build tools go
-# in first, then DeepSpeed builds against them (DS_BUILD_OPS=0: no C++ ops compiled).
-$(VENV)/.installed: pyproject.toml
+# The environment is exactly uv.lock (every package pinned, with hashes), never resolved anew.
+# uv itself comes from PyPI at UV_VERSION, then the lock keeps that same uv in the environment.
+# Two syncs: DeepSpeed's sdist imports torch to build, so it is built after everything else is in
+# (see [tool.uv] in pyproject.toml). A stamp older than pyproject.toml or uv.lock reinstalls.
+SYNC := VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/uv sync --active --locked --quiet
+$(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python torch==2.15.0 $(DEEPSPEED_BUILD_DEPS)
-	DS_BUILD_OPS=0 $(BIN)/uv pip install --quiet --python $(BIN)/python \
-		--no-build-isolation-package deepspeed -e '.[dev]'
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(BIN)/uv
+	@$(BIN)/uv lock --check --quiet || { echo "make: uv.lock does not match pyproject.toml: \
+	run 'make lock' and commit uv.lock (README, 'Dependencies')" >&2; exit 2; }
+	$(SYNC) --extra dev --no-install-package deepspeed
+	$(SYNC) --extra dev
 	touch $@
+
+# Re-resolve uv.lock after a change to pyproject.toml's dependencies (`make lock`), or move one
+# package to its newest allowed release (`make lock UPGRADE=transformers`). Commit the result.
+lock: | $(BIN)/uv
+	$(BIN)/uv lock $(if $(UPGRADE),--upgrade-package $(UPGRADE))
 
 run: setup
 	$(BIN)/chatflow example tiny --dest manifests/examples/tiny-assets

@@ -5,8 +5,9 @@ hadolint lints both Dockerfiles, and each Dockerfile's install steps (the RUN li
 fails here before an image build does. The build is replayed on a temporary directory: COPY takes
 the sources through .dockerignore as Docker does, WORKDIR moves, and each install step runs with
 `sh -c` (Docker's shell), VIRTUAL_ENV naming the fresh environment (the image's /opt/venv) and the
-Makefile's uv (the image's version) on PATH. The trainer gets the same torch wheel as the image
-(PyPI's, with its CUDA libraries), which runs on a machine without a GPU.
+Makefile's uv (the image's version) on PATH. Both install from uv.lock (tests/test_environment.py);
+the trainer gets the same torch wheel as the image (PyPI's, with its CUDA libraries), which runs on
+a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -220,16 +221,6 @@ def test_image_agrees_with_makefile_and_pyproject(dockerfile: Path) -> None:
     assert re.findall(r"\buv==(\S+)", text) == [makefile_variable("UV_VERSION")]
     version = PYPROJECT["project"]["version"]
     assert f'org.opencontainers.image.version="{version}"' in text
-
-
-def test_trainer_installs_torch_and_deepspeed_build_tools_as_the_makefile_does() -> None:
-    first = shlex.split(next(install_command(i) for i in parse(TRAINER) if i.install_step))
-    assert first[:3] == ["uv", "pip", "install"]
-    expected = [
-        f"torch=={pin('trainer', 'torch')}",
-        *makefile_variable("DEEPSPEED_BUILD_DEPS").split(),
-    ]
-    assert first[3:] == expected
 
 
 def test_operator_deployment_runs_the_image_as_built() -> None:
