@@ -143,3 +143,71 @@ def test_entry_point_exit_status(tmp_path) -> None:
         result.stderr.strip()
         == f"chatflow: error: {missing}: cannot read: No such file or directory"
     )
+
+
+def test_missing_tokenizer_says_where_it_looked_then_what_the_hub_said(
+    capsys, tmp_path, tiny_example: Path
+) -> None:
+    # The tiny example's manifest, copied where its relative asset paths lead nowhere.
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(tiny_example.read_text())
+    code, out, err = run(capsys, "schedule", "-f", str(manifest), "--cache-dir", str(tmp_path))
+    assert (code, out) == (2, "")
+    looked = tmp_path / "tiny-assets" / "tokenizer"
+    assert err.startswith(
+        f"chatflow: error: spec.model.tokenizer: no tokenizer at {looked} (no such directory; "
+        "`chatflow example tiny` builds it), and 'tiny-assets/tokenizer' could not be loaded "
+        "from the Hugging Face hub: "
+    )
+    assert err.count("\n") == 1
+
+
+def test_tokenizer_that_cannot_take_new_tokens_is_one_line(
+    capsys, tmp_path, tiny_example: Path, cache_dir: Path
+) -> None:
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    # A prefix space before every stretch of text, in a form vocabulary extension cannot undo,
+    # saved as a plain tokenizer.json (no model class to rebuild its pipeline on loading).
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tiny_example.parent / "tiny-assets" / "tokenizer" / "tokenizer.json"),
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    tokenizer.backend_tokenizer.normalizer = normalizers.Prepend("▁▁")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    manifest = tiny_manifest(tiny_example, tmp_path / "run.yaml")
+    document = yaml.safe_load(manifest.read_text())
+    document["spec"]["model"]["tokenizer"] = str(tmp_path / "tokenizer")
+    manifest.write_text(yaml.safe_dump(document, allow_unicode=True))
+
+    code, out, err = run(capsys, "schedule", "-f", str(manifest), "--cache-dir", str(cache_dir))
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        f"chatflow: error: spec.model.tokenizer: cannot extend the vocabulary of "
+        f"'{tmp_path / 'tokenizer'}': puts '▁' before the text after an added token"
+    )
+    assert err.count("\n") == 1
+
+
+def test_seq_length_past_the_models_positions_is_refused_before_training(
+    capsys, tmp_path, tiny_example: Path, cache_dir: Path
+) -> None:
+    manifest = tiny_manifest(tiny_example, tmp_path / "run.yaml", training={"seqLength": 2048})
+    code, _, err = run(
+        capsys,
+        "train",
+        "-f",
+        str(manifest),
+        "--output",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(cache_dir),
+    )
+    assert code == 2
+    assert err.startswith(
+        "chatflow: error: spec.training.seqLength: 2048 is more than the 1024 positions of the "
+        "model"
+    )
+    assert err.count("\n") == 1

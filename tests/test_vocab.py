@@ -1,43 +1,127 @@
+"""Vocabulary extension, on the LLaMA-style tokenizer in each form a user meets it.
+
+The tokenizer is mistral-common's 32k SentencePiece model (LLaMA-2's kind): converted by
+transformers' LlamaTokenizer (the tiny example's), loaded from a bare tokenizer.model (whatever the
+installed transformers makes of it), in LLaMA-2's hub layout (tokenizer.json with a Prepend
+normalizer, tokenizer_config.json naming LlamaTokenizer), and with the two "legacy" pipelines
+that put a prefix space before every stretch between added tokens: the Prepend normalizer loaded
+as is, and transformers 5.24's Metaspace `prepend_scheme: always`.
+"""
+
 from __future__ import annotations
 
+import json
+import shutil
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import normalizers
+from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
-    LlamaTokenizer,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
 )
 
 from chatflow.spec import SpecError
-from chatflow.vocab import NewToken, extend_embeddings, extend_tokenizer, read_tokens_file
+from chatflow.vocab import (
+    NewToken,
+    TokenizerError,
+    extend_embeddings,
+    extend_tokenizer,
+    prefix_text_start_only,
+    read_tokens_file,
+)
 
 # Not in the 32k vocabulary: each splits into its three UTF-8 byte pieces.
 UNKNOWN = ["鑫", "犇", "曌"]
 # Already single tokens.
 KNOWN = ["中", "国", "。"]
+KINDS = ["llama", "spm", "llama2-hub", "prepend", "always"]
+# New tokens at the start, after spaces, between known characters, before Latin letters.
+TEXT = "鑫我们鑫犇，中国曌。 鑫 a鑫b 曌"
 
 
 def byte_pieces(tokenizer: PreTrainedTokenizerBase, char: str) -> tuple[int, ...]:
     return tuple(tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in char.encode()]))
 
 
-def load_tokenizer(directory: Path, kind: str = "auto") -> PreTrainedTokenizerBase:
-    """The fixture tokenizer, optionally with a prefix space added as LLaMA-2's tokenizers do."""
+def llama2_hub_layout(llama_tokenizer_dir: Path, dest: Path) -> Path:
+    """The tokenizer in meta-llama/Llama-2-7b-hf's files: tokenizer.model, tokenizer.json with
+    LLaMA-2's pipeline (a Prepend normalizer, no pre-tokenizer), its tokenizer_config.json."""
+    dest.mkdir()
+    spm = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    shutil.copyfile(str(spm), dest / "tokenizer.model")
+    pipeline = json.loads((llama_tokenizer_dir / "tokenizer.json").read_text())
+    pipeline["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    pipeline["pre_tokenizer"] = None
+    (dest / "tokenizer.json").write_text(json.dumps(pipeline, ensure_ascii=False))
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1000000000000000019884624838656,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    return dest
+
+
+def load_tokenizer(directory: Path, kind: str = "llama") -> PreTrainedTokenizerBase:
+    """The fixture tokenizer (`directory`, saved by LlamaTokenizer) in the form `kind`."""
     if kind == "llama":
-        # Metaspace with prepend_scheme="first": "▁" before the first character of a text.
-        return LlamaTokenizer.from_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if kind == "legacy":
-        # As in older LLaMA tokenizer.json files: "▁" before every segment.
-        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+        return AutoTokenizer.from_pretrained(directory)
+    if kind == "spm":
+        bare = directory.parent / f"{directory.name}-spm"
+        if not bare.exists():
+            bare.mkdir()
+            spm = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+            shutil.copyfile(str(spm), bare / "tokenizer.model")
+        return AutoTokenizer.from_pretrained(bare)
+    if kind == "llama2-hub":
+        hub = directory.parent / f"{directory.name}-llama2"
+        return AutoTokenizer.from_pretrained(
+            hub if hub.exists() else llama2_hub_layout(directory, hub)
+        )
+    # tokenizer.json as it is, with no model-specific class rebuilding its pipeline.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    backend = tokenizer.backend_tokenizer
+    if kind == "prepend":  # LLaMA-2's tokenizer.json
+        backend.normalizer = normalizers.Sequence(
             [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
         )
+        backend.pre_tokenizer = None
+    elif kind == "always":  # what transformers 5.24 builds from a bare tokenizer.model
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Replace(" ", "▁"), normalizers.Replace(Regex("\\A▁"), "▁▁")]
+        )
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Metaspace(prepend_scheme="always", split=False)]
+        )
+    else:
+        raise ValueError(kind)
     return tokenizer
 
 
@@ -63,12 +147,9 @@ def tokenizer(llama_tokenizer_dir: Path) -> PreTrainedTokenizerBase:
 # --- tokenizer ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["auto", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_pieces_are_the_byte_pieces_without_a_prefix_space(llama_tokenizer_dir, kind):
     tokenizer = load_tokenizer(llama_tokenizer_dir, kind)
-    # The premise: encoded alone, LLaMA-2's tokenizer puts "▁" first.
-    if kind == "llama":
-        assert tokenizer.tokenize("鑫")[0] == "▁"
     original = [byte_pieces(tokenizer, char) for char in UNKNOWN]
 
     new_tokens = extend_tokenizer(tokenizer, UNKNOWN)
@@ -79,25 +160,51 @@ def test_pieces_are_the_byte_pieces_without_a_prefix_space(llama_tokenizer_dir, 
     assert len(tokenizer) == 32003
 
 
-@pytest.mark.parametrize("kind", ["auto", "llama"])
-def test_new_tokens_encode_as_one_id_and_decode_back(llama_tokenizer_dir, kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_new_tokens_encode_as_one_id_decode_back_and_add_no_spaces(llama_tokenizer_dir, kind):
     tokenizer = load_tokenizer(llama_tokenizer_dir, kind)
-    text = "我们鑫犇，中国曌。"
-    before = len(tokenizer.encode(text, add_special_tokens=False))
-
     new_tokens = extend_tokenizer(tokenizer, UNKNOWN)
 
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    assert len(ids) == before - 2 * len(UNKNOWN)
-    assert {t.id for t in new_tokens} <= set(ids)
-    assert tokenizer.decode(ids) == text
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    # Each occurrence is one new id, and no byte piece is left of any.
+    assert not set(ids) & {p for t in new_tokens for p in t.pieces}
+    assert [i for i in ids if i >= 32000] == [
+        next(t.id for t in new_tokens if t.token == c) for c in TEXT if c in UNKNOWN
+    ]
+    assert tokenizer.decode(ids) == TEXT
+    # A "▁" for each space of the text, none before a stretch that follows a new token.
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert sum(token.count("▁") for token in tokens) == TEXT.count(" ")
     assert not any(token in tokenizer.all_special_tokens for token in UNKNOWN)
 
 
-def test_tokenizer_that_prefixes_every_segment_is_refused(llama_tokenizer_dir):
-    tokenizer = load_tokenizer(llama_tokenizer_dir, "legacy")
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_without_new_tokens_encodes_as_before(llama_tokenizer_dir, kind):
+    tokenizer = load_tokenizer(llama_tokenizer_dir, kind)
+    text = "The quick brown fox, 中国。\nSecond line"
+    before = tokenizer.encode(text, add_special_tokens=False)
 
-    with pytest.raises(ValueError, match="would insert spaces"):
+    extend_tokenizer(tokenizer, UNKNOWN)
+
+    assert tokenizer.encode(text, add_special_tokens=False) == before
+
+
+def test_only_legacy_pipelines_are_changed(llama_tokenizer_dir):
+    llama = load_tokenizer(llama_tokenizer_dir, "llama")
+    assert not prefix_text_start_only(llama)
+    legacy = load_tokenizer(llama_tokenizer_dir, "always")
+    assert prefix_text_start_only(legacy)
+    assert not prefix_text_start_only(legacy)
+
+
+def test_tokenizer_that_still_inserts_spaces_is_refused(llama_tokenizer_dir):
+    tokenizer = load_tokenizer(llama_tokenizer_dir, "prepend")
+    # A prefix the rewrite does not know: each stretch would still start with "▁".
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁▁"), normalizers.Replace(" ", "▁")]
+    )
+
+    with pytest.raises(TokenizerError, match="would insert spaces"):
         extend_tokenizer(tokenizer, UNKNOWN)
     assert len(tokenizer) == 32000
 
@@ -171,7 +278,9 @@ def test_pieces_past_the_model_rows_are_refused(tokenizer):
     assert model.get_input_embeddings().weight.shape[0] == 100
 
 
-def test_save_and_reload_keep_tokens_and_rows(tokenizer, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_and_reload_keep_tokens_and_rows(llama_tokenizer_dir, kind, tmp_path):
+    tokenizer = load_tokenizer(llama_tokenizer_dir, kind)
     model = tiny_model(len(tokenizer))
     new_tokens = extend_tokenizer(tokenizer, UNKNOWN)
     extend_embeddings(model, new_tokens)
@@ -184,6 +293,9 @@ def test_save_and_reload_keep_tokens_and_rows(tokenizer, tmp_path):
     assert len(reloaded_tokenizer) == len(tokenizer)
     assert reloaded_tokenizer.convert_tokens_to_ids(UNKNOWN) == [t.id for t in new_tokens]
     assert reloaded_tokenizer.encode("鑫", add_special_tokens=False) == [new_tokens[0].id]
+    ids = reloaded_tokenizer.encode(TEXT, add_special_tokens=False)
+    assert ids == tokenizer.encode(TEXT, add_special_tokens=False)
+    assert reloaded_tokenizer.decode(ids) == TEXT
     assert reloaded.config.vocab_size == len(tokenizer)
     for name in ("get_input_embeddings", "get_output_embeddings"):
         assert torch.equal(getattr(reloaded, name)().weight, getattr(model, name)().weight)

@@ -130,13 +130,19 @@ ship inside Python packages; nothing here was downloaded.
 
 
 def save_llama_tokenizer(dest: Path) -> Path:
-    """Save a LLaMA-style 32k SentencePiece tokenizer (mistral-common's v1) in HF format."""
-    from transformers import AutoTokenizer
+    """Save a LLaMA-style 32k SentencePiece tokenizer (mistral-common's v1) in HF format.
+
+    Converted by transformers' LlamaTokenizer, as LLaMA-2's own files are (their
+    tokenizer_config.json names it), not by the class-less conversion AutoTokenizer falls back to
+    for a bare tokenizer.model: that one changed between transformers releases (5.23: no prefix
+    space at all; 5.24: SentencePiece's legacy prefix before every stretch between added tokens).
+    """
+    from transformers import LlamaTokenizer
 
     model = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(str(model), Path(tmp) / "tokenizer.model")
-        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        tokenizer = LlamaTokenizer.from_pretrained(tmp)
     tokenizer.save_pretrained(dest)
     return dest
 

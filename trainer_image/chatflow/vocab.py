@@ -13,19 +13,25 @@ Typical use, before the model is wrapped for distributed training:
 
 from __future__ import annotations
 
+import copy
+import json
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from chatflow.spec import SpecError
 
 # SentencePiece's word-boundary mark: a space, or the prefix it adds at the start of a text.
 _PREFIX_SPACE = "▁"
+
+
+class TokenizerError(ValueError):
+    """The tokenizer cannot take new tokens as they are; the caller names the spec field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +84,16 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, tokens: Iterable[str]) 
     """Add `tokens` to the tokenizer as normal (non-special) tokens.
 
     Tokens the vocabulary already has are skipped, as are repeats. Returns the added tokens in id
-    order, each with the pieces the tokenizer split it into before, for `extend_embeddings`.
+    order, each with the pieces the tokenizer split it into before, for `extend_embeddings`. A
+    SentencePiece tokenizer that puts its prefix space before every stretch of text between added
+    tokens is first changed to put it only at the start of a text (`prefix_text_start_only`).
+    Raises TokenizerError when the tokenizer cannot take the tokens.
     """
     vocab = tokenizer.get_vocab()
     candidates = [token for token in dict.fromkeys(tokens) if token not in vocab]
     if not candidates:
         return []
+    prefix_text_start_only(tokenizer)
     pieces = _pieces_in_text(tokenizer, candidates)
     # normalized=False: a token matches exactly its own text. Matched after normalization, a
     # fullwidth "，" would (under NFKC) also capture every ASCII ",".
@@ -93,6 +103,78 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, tokens: Iterable[str]) 
         NewToken(token, id_, tuple(split))
         for token, id_, split in zip(candidates, ids, pieces, strict=True)
     ]
+
+
+def prefix_text_start_only(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Make a SentencePiece-style tokenizer add its prefix space at the start of a text only.
+
+    Added tokens split a text into stretches, and each stretch is normalized and pre-tokenized on
+    its own. A tokenizer in SentencePiece's "legacy" mode prefixes every stretch with "▁", so after
+    an added token "鑫" the text "好" would become "▁好": every new token would insert a space.
+    Two forms of it are met: a `Prepend("▁")` normalizer (LLaMA-2's tokenizer.json, loaded as is)
+    and a Metaspace pre-tokenizer with `prepend_scheme: always` (what transformers 5.24 builds from
+    a bare tokenizer.model). Both become Metaspace with `prepend_scheme: first`, which is what
+    transformers' LlamaTokenizer builds (`legacy=False`). Text without added tokens encodes as
+    before, but for a text that starts with a space (one "▁" fewer). Returns whether it changed.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False  # a Python tokenizer: the check in `_pieces_in_text` speaks for it
+    pipeline = json.loads(backend.to_str())
+    rewritten = text_start_prefix_pipeline(pipeline)
+    if rewritten == pipeline:
+        return False
+    # Tokenizer.from_str builds the components; assigning them keeps the tokenizer object, whose
+    # vocabulary, added tokens and post-processor stay as they are.
+    components = Tokenizer.from_str(json.dumps(rewritten))
+    backend.normalizer = components.normalizer
+    backend.pre_tokenizer = components.pre_tokenizer
+    return True
+
+
+def text_start_prefix_pipeline(pipeline: dict) -> dict:
+    """`pipeline` (a tokenizer.json) with its prefix space only at the start of a text."""
+    pipeline = copy.deepcopy(pipeline)
+    normalizers = _flatten(pipeline.get("normalizer"), "normalizers")
+    metaspaces = [
+        p
+        for p in _flatten(pipeline.get("pre_tokenizer"), "pretokenizers")
+        if p["type"] == "Metaspace"
+    ]
+    prepends = [n for n in normalizers if n["type"] == "Prepend" and n["prepend"] == _PREFIX_SPACE]
+    legacy = [m for m in metaspaces if m.get("prepend_scheme") == "always"]
+    if not prepends and not legacy:
+        return pipeline
+    # Also dropped: transformers' Replace("\A▁" -> "▁▁"), which stands in for SentencePiece's
+    # prefix before a leading space and would, after an added token, turn " 好" into "▁▁好".
+    kept = [n for n in normalizers if n not in prepends and not _doubles_leading_prefix(n)]
+    pipeline["normalizer"] = {"type": "Sequence", "normalizers": kept} if kept else None
+    for metaspace in legacy:
+        metaspace["prepend_scheme"] = "first"
+    if prepends and not metaspaces:
+        first = {
+            "type": "Metaspace",
+            "replacement": _PREFIX_SPACE,
+            "prepend_scheme": "first",
+            "split": False,
+        }
+        rest = _flatten(pipeline.get("pre_tokenizer"), "pretokenizers")
+        pipeline["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [first, *rest]}
+    return pipeline
+
+
+def _flatten(component: dict | None, key: str) -> list[dict]:
+    """A normalizer or pre-tokenizer as a list of its parts (a Sequence's are nested)."""
+    if component is None:
+        return []
+    if component["type"] == "Sequence":
+        return [part for inner in component[key] for part in _flatten(inner, key)]
+    return [component]
+
+
+def _doubles_leading_prefix(normalizer: dict) -> bool:
+    pattern = normalizer.get("pattern", {})
+    return normalizer["type"] == "Replace" and pattern.get("Regex") == f"\\A{_PREFIX_SPACE}"
 
 
 def _pieces_in_text(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> list[list[int]]:
@@ -105,24 +187,25 @@ def _pieces_in_text(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -
     dropped.
     """
     if not tokenizer.all_special_tokens:
-        raise ValueError("the tokenizer needs a special token to mark where a text starts")
+        raise TokenizerError("needs a special token to mark where a text starts")
     start = tokenizer.all_special_tokens[0]
     start_id = tokenizer.convert_tokens_to_ids(start)
 
     encoded = tokenizer([start + token for token in tokens], add_special_tokens=False)["input_ids"]
     result = []
     for token, ids in zip(tokens, encoded, strict=True):
-        assert ids[0] == start_id, f"{start!r} was not encoded as one token"
+        if ids[0] != start_id:
+            raise TokenizerError(f"its special token {start!r} does not encode as one token")
         pieces = ids[1:]
         if not pieces:
-            raise ValueError(f"token {token!r} encodes to no pieces")
+            raise TokenizerError(f"token {token!r} encodes to no pieces")
         first = tokenizer.convert_ids_to_tokens(pieces[0])
         if first.startswith(_PREFIX_SPACE) and not token.startswith((" ", _PREFIX_SPACE)):
-            # A Prepend normalizer (older LLaMA tokenizer.json files) puts "▁" before every
-            # segment, so each added token would also insert a space before the text after it.
-            raise ValueError(
-                f"the tokenizer puts {_PREFIX_SPACE!r} before text that follows an added token, "
-                "so new tokens would insert spaces; load it with LlamaTokenizer instead"
+            # A pipeline `prefix_text_start_only` does not know (a Python tokenizer, or another
+            # normalizer that adds "▁"): each new token would insert a space before the text after.
+            raise TokenizerError(
+                f"puts {_PREFIX_SPACE!r} before the text after an added token, so new tokens "
+                "would insert spaces; save it with transformers' LlamaTokenizer (legacy=False)"
             )
         result.append(pieces)
     return result

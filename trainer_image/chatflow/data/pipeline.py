@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from chatflow.data.mixture import Mixture
-from chatflow.data.sources import SourceError, first_line, local_path
+from chatflow.data.sources import HUB_ID, SourceError, first_line, local_path
 from chatflow.data.store import PackedSource, prepare_source
 from chatflow.sampler import MixtureSampler
 from chatflow.schedule import Schedule
@@ -15,11 +16,31 @@ from chatflow.spec import ChatFlowRunSpec, SpecError
 if TYPE_CHECKING:
     from chatflow.vocab import NewToken
 
+T = TypeVar("T")
 
-def resolve(path: str, base_dir: Path) -> str:
-    """A model or tokenizer path: a local directory if it exists, else a hub id."""
-    candidate = local_path(path, base_dir)
-    return str(candidate) if candidate.exists() else path
+
+def from_pretrained(
+    load: Callable[[str], T], name: str, base_dir: Path, field: str, what: str
+) -> T:
+    """`load(path)` of a local directory, else of a hub id; a failure is one line naming `field`.
+
+    A relative path is looked for beside the manifest first. When it is not there, the message
+    says where it was looked for before what the hub answered, since a mistyped or unbuilt local
+    path is the usual cause (the hub's own error would be only a DNS failure on an offline node).
+    """
+    local = local_path(name, base_dir)
+    try:
+        return load(str(local) if local.exists() else name)
+    except Exception as e:
+        if local.exists():
+            problem = f"cannot load {what} from {local}: {first_line(e)}"
+        else:
+            hint = "; `chatflow example tiny` builds it" if "tiny-assets" in local.parts else ""
+            problem = f"no {what} at {local} (no such directory{hint})"
+            if HUB_ID.match(name):
+                problem += f", and {name!r} could not be loaded from the Hugging Face hub: "
+                problem += first_line(e)
+        raise SpecError(f"{field}: {problem}") from None
 
 
 def load_tokenizer(spec: ChatFlowRunSpec, base_dir: Path) -> tuple[Any, list[NewToken]]:
@@ -28,16 +49,35 @@ def load_tokenizer(spec: ChatFlowRunSpec, base_dir: Path) -> tuple[Any, list[New
 
     name = spec.model.tokenizer or spec.model.base
     field = "spec.model.tokenizer" if spec.model.tokenizer else "spec.model.base"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name, base_dir))
-    except Exception as e:
-        raise SpecError(f"{field}: cannot load tokenizer {name!r}: {first_line(e)}") from None
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, name, base_dir, field, "tokenizer")
     if spec.model.extend_vocab is None:
         return tokenizer, []
-    from chatflow.vocab import extend_tokenizer, read_tokens_file
+    from chatflow.vocab import TokenizerError, extend_tokenizer, read_tokens_file
 
-    tokens_file = resolve(spec.model.extend_vocab.tokens_file, base_dir)
-    return tokenizer, extend_tokenizer(tokenizer, read_tokens_file(tokens_file))
+    tokens_field = "spec.model.extendVocab.tokensFile"
+    try:
+        tokens = read_tokens_file(local_path(spec.model.extend_vocab.tokens_file, base_dir))
+    except SpecError as e:
+        raise SpecError(f"{tokens_field}: {e}") from None
+    try:
+        return tokenizer, extend_tokenizer(tokenizer, tokens)
+    except TokenizerError as e:
+        raise SpecError(f"{field}: cannot extend the vocabulary of {name!r}: {e}") from None
+
+
+def load_model_config(spec: ChatFlowRunSpec, base_dir: Path) -> Any:
+    """The base model's config, checked against the run: `training.seqLength` must fit it."""
+    from transformers import AutoConfig
+
+    base = spec.model.base
+    config = from_pretrained(AutoConfig.from_pretrained, base, base_dir, "spec.model.base", "model")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and spec.training.seq_length > positions:
+        raise SpecError(
+            f"spec.training.seqLength: {spec.training.seq_length} is more than the "
+            f"{positions} positions of the model {base!r} (max_position_embeddings)"
+        )
+    return config
 
 
 def prepare_sources(

@@ -1,7 +1,8 @@
 """`chatflow train`: check the run on this machine, then start torchrun with one process per device.
 
-Problems a user can fix (manifest, data, tokenizer, output directory, DeepSpeed options) are found
-here, before any worker starts, so they are one line each rather than a failure in every process.
+Problems a user can fix (manifest, data, tokenizer, model, output directory, DeepSpeed options) are
+found here, before any worker starts, so they are one line each rather than a failure in every
+process.
 Preparing the data here also means the workers find it cached.
 """
 
@@ -13,8 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chatflow.data.pipeline import load_tokenizer, prepare_sources, resolve
-from chatflow.data.sources import first_line
+from chatflow.data.pipeline import load_model_config, load_tokenizer, prepare_sources
 from chatflow.spec import ChatFlowRun, SpecError, TrainingSpec
 from chatflow.train.checkpoint import Checkpoints
 from chatflow.train.deepspeed_config import deepspeed_config, deepspeed_problem
@@ -54,18 +54,9 @@ def preflight(
     except OSError as e:
         raise SpecError(f"--output: cannot write to {output}: {e.strerror}") from None
     tokenizer, _ = load_tokenizer(run.spec, base_dir)
+    load_model_config(run.spec, base_dir)
     prepare_sources(run.spec, base_dir, cache_dir, tokenizer)
-    _check_model(run.spec.model.base, base_dir)
     _check_deepspeed(run.spec.training, processes)
-
-
-def _check_model(base: str, base_dir: Path) -> None:
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(resolve(base, base_dir))
-    except Exception as e:
-        raise SpecError(f"spec.model.base: cannot load model {base!r}: {first_line(e)}") from None
 
 
 def _check_deepspeed(training: TrainingSpec, processes: int) -> None:

@@ -31,8 +31,13 @@ import numpy as np
 import torch
 
 from chatflow.data.mixture import Mixture
-from chatflow.data.pipeline import build_mixture, load_tokenizer, prepare_sources, resolve
-from chatflow.data.sources import first_line
+from chatflow.data.pipeline import (
+    build_mixture,
+    from_pretrained,
+    load_model_config,
+    load_tokenizer,
+    prepare_sources,
+)
 from chatflow.data.store import SourceExhausted
 from chatflow.sampler import Position
 from chatflow.spec import ChatFlowRun, SpecError, TrainingSpec, load_run
@@ -254,11 +259,14 @@ def _load_model(run: ChatFlowRun, base_dir: Path, new_tokens: list) -> Any:
 
     from chatflow.vocab import extend_embeddings
 
-    base = run.spec.model.base
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(base, base_dir), dtype=torch.float32)
-    except Exception as e:
-        raise SpecError(f"spec.model.base: cannot load model {base!r}: {first_line(e)}") from None
+    load_model_config(run.spec, base_dir)  # refuses a seqLength past the model's positions
+    model = from_pretrained(
+        lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        run.spec.model.base,
+        base_dir,
+        "spec.model.base",
+        "model",
+    )
     if new_tokens:
         extend_embeddings(model, new_tokens)
     model.config.use_cache = False  # no generation during training
