@@ -74,7 +74,9 @@ def test_instruction_documents_are_never_split() -> None:
 
 
 def trained_text(tokenizer, ids: list[int], mask: list[int]) -> str:
-    return tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    """The trained-on tokens' text, a leading space included (decode would strip it)."""
+    pieces = tokenizer.convert_ids_to_tokens([i for i, m in zip(ids, mask, strict=True) if m])
+    return "".join(pieces).replace("▁", " ")
 
 
 def test_pretraining_document_is_bos_text_eos_with_bos_masked(tokenizer) -> None:
