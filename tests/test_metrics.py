@@ -57,6 +57,7 @@ def record_everything(metrics: TrainerMetrics) -> None:
     )
     metrics.checkpoint(10, 2.0)
     metrics.held_out({0: 2.0, 2: 3.0})
+    metrics.precision("fp32", "auto: the CPU has no amx_bf16 or avx512_bf16")
 
 
 def test_every_family_is_served_with_bounded_labels() -> None:
@@ -84,10 +85,11 @@ def test_every_family_is_served_with_bounded_labels() -> None:
         "chatflow_mfu_ratio",
         "chatflow_last_checkpoint_step",
     }
+    info = {"chatflow_schedule_phase_info", "chatflow_precision_info"}
     source_counters = {"chatflow_source_samples", "chatflow_source_tokens"}
     run_counters = {"chatflow_samples", "chatflow_tokens", "chatflow_checkpoints"}
     assert types == {
-        **dict.fromkeys(per_source | run_only | {"chatflow_schedule_phase_info"}, "gauge"),
+        **dict.fromkeys(per_source | run_only | info, "gauge"),
         **dict.fromkeys(source_counters | run_counters, "counter"),
         "chatflow_checkpoint_duration_seconds": "histogram",
     }
@@ -95,6 +97,7 @@ def test_every_family_is_served_with_bounded_labels() -> None:
         **dict.fromkeys(per_source | source_counters, SOURCE_LABELS),
         **dict.fromkeys(run_only | run_counters, frozenset({"run"})),
         "chatflow_schedule_phase_info": {"run", "phase"},
+        "chatflow_precision_info": {"run", "precision", "reason"},
         "chatflow_checkpoint_duration_seconds_bucket": {"run", "le"},
         "chatflow_checkpoint_duration_seconds_count": {"run"},
         "chatflow_checkpoint_duration_seconds_sum": {"run"},
@@ -125,6 +128,9 @@ def test_every_family_is_served_with_bounded_labels() -> None:
     assert values(samples, "chatflow_checkpoint_duration_seconds_count") == {"": 1}
     assert values(samples, "chatflow_checkpoint_duration_seconds_sum") == {"": 2.0}
     assert values(samples, "chatflow_heldout_loss") == {"en-web": 2.0, "zh-en": 3.0}
+    (precision,) = [s for s in samples if s.name == "chatflow_precision_info"]
+    assert (precision.labels["precision"], precision.value) == ("fp32", 1)
+    assert precision.labels["reason"] == "auto: the CPU has no amx_bf16 or avx512_bf16"
     perplexity = values(samples, "chatflow_heldout_perplexity")
     assert perplexity == pytest.approx({"en-web": math.exp(2.0), "zh-en": math.exp(3.0)})
 
@@ -227,12 +233,24 @@ def test_flops_per_token_counts_the_models_matmul_weights() -> None:
 
 def test_peak_flops_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHATFLOW_PEAK_FLOPS", "1.5e14")
-    assert peak_flops_from_env() == 1.5e14
+    assert peak_flops_from_env("bf16") == peak_flops_from_env("fp32") == 1.5e14
     monkeypatch.delenv("CHATFLOW_PEAK_FLOPS")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert peak_flops_from_env() is None
+    assert peak_flops_from_env("bf16") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
-    assert peak_flops_from_env() == 989e12
+    assert peak_flops_from_env("bf16") == 989e12
+    assert peak_flops_from_env("fp32") is None  # the table's peaks are bf16's
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA GeForce RTX 4090")
-    assert peak_flops_from_env() is None
+    assert peak_flops_from_env("bf16") is None
+
+
+def test_precision_info_shows_only_the_current_precision() -> None:
+    with serving() as (metrics, scrape):
+        metrics.precision("bf16", "set in spec.training.precision")
+        metrics.precision("fp32", "auto: not every node has native bf16")
+        _, samples = scrape()
+    found = [s for s in samples if s.name == "chatflow_precision_info"]
+    assert [(s.labels["precision"], s.labels["reason"], s.value) for s in found] == [
+        ("fp32", "auto: not every node has native bf16", 1)
+    ]

@@ -202,6 +202,9 @@ def test_metrics_during_the_run(reference) -> None:
     assert 0 < next(iter(values["chatflow_schedule_progress_ratio"].values())) <= 1
     assert all(0 < v < 20 for v in values["chatflow_heldout_loss"].values())
     assert next(iter(values["chatflow_tokens_per_second"].values())) > 0
+    (precision,) = metrics["chatflow_precision_info"]  # the manifest sets fp32: it wins
+    assert precision.labels["precision"] == "fp32"
+    assert precision.labels["reason"] == "set in spec.training.precision"
 
 
 def test_final_model_loads_with_from_pretrained_and_generates(reference) -> None:

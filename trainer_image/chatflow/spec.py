@@ -466,8 +466,14 @@ class TrainingSpec(_Spec):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     seed: int = Field(0, ge=0, description="seeds the sampler, data order and model init")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
-    precision: Literal["bf16", "fp32"] = Field(
-        "bf16", description="bf16 mixed precision, or fp32 (CPU without bf16 support)"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description=(
+            "bf16 (mixed precision), fp32, or auto: bf16 where the devices compute it natively "
+            "(GPUs with bf16 support, CPUs with AMX or AVX512_BF16), else fp32, as emulated bf16 "
+            "is many times slower. The trainer logs its choice and why, and exports them as "
+            "chatflow_precision_info"
+        ),
     )
     activation_checkpointing: bool = Field(False, description="recompute activations: less memory")
     optimizer: OptimizerSpec = OptimizerSpec()

@@ -4,9 +4,10 @@
     <output>/checkpoints/.incomplete/     where a checkpoint is written before its rename
 
 Every rank writes its DeepSpeed shards under `.incomplete/step-N`; after a barrier, rank 0 adds
-`trainer.json` (sampler position, tallies, RNG seeds) and renames the directory into place. A
-checkpoint cut short by SIGKILL is therefore never chosen: it is still under `.incomplete/`, which
-the next start clears. Ranks must share the output directory (a PVC on a cluster).
+`trainer.json` (sampler position, tallies, precision, RNG seeds) and renames the directory into
+place. A checkpoint cut short by SIGKILL is therefore never chosen: it is still under
+`.incomplete/`, which the next start clears. Ranks must share the output directory (a PVC on a
+cluster).
 """
 
 from __future__ import annotations

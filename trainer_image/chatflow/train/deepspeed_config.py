@@ -7,6 +7,7 @@ from typing import Any
 
 from chatflow.data.sources import first_line
 from chatflow.spec import SpecError, TrainingSpec
+from chatflow.train.precision import Resolved, detect, resolve
 
 
 def gradient_accumulation(training: TrainingSpec, world_size: int) -> int:
@@ -20,8 +21,15 @@ def gradient_accumulation(training: TrainingSpec, world_size: int) -> int:
     return training.global_batch_size // per_step
 
 
-def deepspeed_config(training: TrainingSpec, world_size: int) -> dict[str, Any]:
-    """The generated config with `training.deepspeed` merged over it (nested keys merge)."""
+def deepspeed_config(
+    training: TrainingSpec, world_size: int, precision: Resolved | None = None
+) -> dict[str, Any]:
+    """The generated config with `training.deepspeed` merged over it (nested keys merge).
+
+    `precision` is `training.precision` resolved for the job (`chatflow.train.precision`); left
+    out, it is resolved for this machine.
+    """
+    precision = precision or resolve(training.precision, *detect()).name
     optimizer = training.optimizer
     generated = {
         "train_batch_size": training.global_batch_size,
@@ -33,7 +41,7 @@ def deepspeed_config(training: TrainingSpec, world_size: int) -> dict[str, Any]:
             # ZeRO-3 shards the weights; the final save_pretrained needs them whole.
             "stage3_gather_16bit_weights_on_model_save": True,
         },
-        "bf16": {"enabled": training.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -43,6 +51,9 @@ def deepspeed_config(training: TrainingSpec, world_size: int) -> dict[str, Any]:
                 "weight_decay": optimizer.weight_decay,
                 # torch's AdamW: DeepSpeed's fused CPU Adam would need a C++ compiler at run time.
                 "torch_adam": True,
+                # torch's fused kernel (CPU and GPU), one pass over the weights instead of
+                # foreach's several: the tiny example's step on 2 CPU cores is ~3% shorter.
+                "fused": True,
             },
         },
         "steps_per_print": 2**31 - 1,  # the trainer reports progress itself

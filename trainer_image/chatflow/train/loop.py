@@ -3,7 +3,8 @@
     start    join the process group; find the newest complete checkpoint
     data     tokenizer (+ vocabulary extension); every source packed (rank 0 first, then the rest
              read its cache); the mixture from the checkpoint's sampler position
-    model    from_pretrained (+ new embedding rows); DeepSpeed engine; checkpoint loaded
+    model    from_pretrained (+ new embedding rows); the precision (`auto`: what the devices do
+             natively); DeepSpeed engine; checkpoint loaded
     loop     per optimizer step: micro-batches of this rank's share, one all-reduce of the step's
              loss and per-source counts; metrics, progress; held-out evaluation and checkpoints
              every N steps; on SIGTERM a checkpoint, then exit 143 so the job restarts it
@@ -51,6 +52,7 @@ from chatflow.train.deepspeed_config import (
 )
 from chatflow.train.lr import lr_at
 from chatflow.train.metrics import TrainerMetrics, flops_per_token, peak_flops_from_env
+from chatflow.train.precision import for_job
 from chatflow.train.progress import Progress
 
 PREEMPTED = 128 + signal.SIGTERM  # a retryable exit code for the PyTorchJob's restart policy
@@ -107,9 +109,11 @@ def train(
     )
 
     # --- model ----------------------------------------------------------------------------------
+    saved = state.get("precision") if state else None
+    precision = for_job(training.precision, place.world_size, saved)
     torch.manual_seed(training.seed)
     model = _load_model(run, base_dir, new_tokens)
-    config = deepspeed_config(training, place.world_size)
+    config = deepspeed_config(training, place.world_size, precision.name)
     load_dir, tag = None, None
     if resume:
         load_dir, tag = checkpoints.root, resume[1].name
@@ -128,16 +132,20 @@ def train(
     schedule = mixture.sampler.schedule
     metrics = progress = None
     if place.is_main:
-        device_peak = peak_flops_from_env()  # MFU compares the whole job's throughput and peak
+        # MFU compares the whole job's throughput and peak, in the precision it trains in.
+        device_peak = peak_flops_from_env(precision.name)
         job_peak = device_peak * place.world_size if device_peak else None
         metrics = TrainerMetrics(run.metadata.name, spec.data.sources, job_peak)
+        metrics.precision(precision.name, precision.reason)
         if training.metrics_port:
             metrics.serve(training.metrics_port)
         progress = Progress(total_steps, names)
+        progress.message("precision", precision=precision.name, reason=precision.reason)
         if resume:
             progress.message("resumed", step=step, checkpoint=str(resume[1]))
     flops = flops_per_token(model.config, training.seq_length)
     history = _History(output / "history.jsonl", place.is_main)
+    history.write(event="precision", step=step, precision=precision.name, reason=precision.reason)
     sample_log = _SampleLog(output / "samples", place.rank) if log_samples else None
     preempted = _Preemption()
 
@@ -235,6 +243,7 @@ def train(
                 tokens_seen,
                 names,
                 training.checkpoint.keep,
+                precision.name,
             )
             if place.is_main:
                 metrics.checkpoint(step, seconds)
@@ -340,6 +349,7 @@ def _save_checkpoint(
     tokens_seen: np.ndarray,
     names: tuple[str, ...],
     keep: int,
+    precision: str,
 ) -> float:
     started = time.perf_counter()
     engine.save_checkpoint(str(checkpoints.staging), tag=Checkpoints.tag(step), save_latest=False)
@@ -350,6 +360,7 @@ def _save_checkpoint(
             "world_size": place.world_size,
             "position": position.to_dict(names),
             "tokens": dict(zip(names, tokens_seen.tolist(), strict=True)),
+            "precision": precision,  # a resumed run must load it in the same one
         }
         checkpoints.publish(step, state, keep)
     distributed.barrier()

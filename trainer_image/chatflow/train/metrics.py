@@ -25,6 +25,7 @@ from chatflow.spec import SourceSpec
 SOURCE_LABELS = ("run", "source", "kind", "language")
 
 # bf16 dense peak FLOP/s per device (no sparsity), matched against torch.cuda.get_device_name().
+# An fp32 run has no entry: its MFU needs CHATFLOW_PEAK_FLOPS.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 # Checkpoints take seconds on a laptop and many minutes for a large model on a slow volume.
@@ -96,6 +97,11 @@ class TrainerMetrics:
         self._samples_per_second = gauge("chatflow_samples_per_second", "training throughput")
         self._tokens_per_second = gauge("chatflow_tokens_per_second", "training throughput")
         self._mfu = gauge("chatflow_mfu_ratio", "model FLOPs utilisation: achieved / peak FLOP/s")
+        self._precision_info = gauge(
+            "chatflow_precision_info",
+            "1 for the precision the run trains in (bf16 or fp32) and why it was chosen",
+            ("run", "precision", "reason"),
+        )
         self._checkpoints = counter("chatflow_checkpoints_total", "checkpoints saved")
         self._checkpoint_step = gauge(
             "chatflow_last_checkpoint_step", "optimizer step of the newest checkpoint"
@@ -187,6 +193,11 @@ class TrainerMetrics:
             mfu = flops_per_token * tokens_per_second / self.peak_flops
         self._set_or_clear(self._mfu, mfu)
 
+    def precision(self, precision: str, reason: str) -> None:
+        """The precision the trainer resolved `spec.training.precision` to, and why."""
+        self._precision_info.clear()
+        self._precision_info.labels(self.run, precision, reason).set(1)
+
     def checkpoint(self, step: int, seconds: float) -> None:
         """A checkpoint of `step` was saved in `seconds`."""
         self._checkpoints.labels(self.run).inc()
@@ -227,17 +238,18 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     return float(6 * params + 12 * layers * heads * head_dim * seq_len)
 
 
-def peak_flops_from_env() -> float | None:
-    """Peak FLOP/s of one device, for MFU; None when unknown (CPU, unlisted GPU).
+def peak_flops_from_env(precision: str) -> float | None:
+    """Peak FLOP/s of one device training in `precision` (resolved), for MFU; None when unknown.
 
-    `CHATFLOW_PEAK_FLOPS` overrides the table, for GPUs it does not list or non-bf16 precision.
+    Unknown: on CPU, on a GPU the table does not list, and in fp32. `CHATFLOW_PEAK_FLOPS`
+    overrides the table, for any of these.
     """
     override = os.environ.get("CHATFLOW_PEAK_FLOPS")
     if override:
         return float(override)
     import torch  # lazily: the metrics themselves do not need torch
 
-    if not torch.cuda.is_available():
+    if precision != "bf16" or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
     return next((peak for model, peak in PEAK_FLOPS.items() if model in name), None)
