@@ -1,4 +1,4 @@
-"""Helpers for tests against the real control plane: the operator as a process, and waiting."""
+"""Helpers for tests against a real control plane: the operator as a process, helm, and waiting."""
 
 from __future__ import annotations
 
@@ -15,16 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane import ControlPlane
+from controlplane import CommandError, ControlPlane
 
 REPO = Path(__file__).resolve().parents[1]
-OPERATOR_NAMESPACE = "chatflow-system"
+CHART = REPO / "charts" / "chatflow-operator"
+# The kustomize base's release name and namespace: the chart then names everything as it does.
+RELEASE = "chatflow-operator"
+NAMESPACE = "chatflow-system"
+OPERATOR_NAMESPACE = NAMESPACE
 OPERATOR_ACCOUNT = "chatflow-operator"
 TIMEOUT = 60  # seconds a controller gets to act
 
 T = TypeVar("T")
+Docs = list[dict[str, Any]]
 
 # kopf pauses every instance while two live ones share a priority, and an instance killed without
 # a goodbye looks alive for its peering lifetime (60 s). Each instance a test starts outranks all
@@ -157,3 +163,35 @@ def items(cp: ControlPlane, kind: str, namespace: str, selector: str = "") -> li
     if selector:
         args.append(f"--selector={selector}")
     return json.loads(cp.kubectl(*args).stdout)["items"]
+
+
+class Helm:
+    """The helm binary of tests/tools/helm.sh, its own state (caches, config) in workdir."""
+
+    def __init__(self, workdir: Path) -> None:
+        built = subprocess.run(
+            [REPO / "tests" / "tools" / "helm.sh"], check=True, stdout=subprocess.PIPE, text=True
+        )
+        self.binary = built.stdout.splitlines()[-1]
+        self.env = os.environ | {
+            f"HELM_{kind}_HOME": str(workdir / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")
+        }
+
+    def __call__(
+        self, *args: str, cp: ControlPlane | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run helm, against cp's API server as its admin if given; with check, raise on failure."""
+        cmd, env = [self.binary, *args], self.env
+        if cp is not None:
+            cmd.append(f"--kubeconfig={cp.kubeconfig}")
+            # Discovery cached per control plane, as ControlPlane.kubectl does.
+            env = env | {"KUBECACHEDIR": str(cp.workdir / "helm-kube-cache")}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if check and result.returncode:
+            raise CommandError(result.returncode, cmd, result.stdout, result.stderr)
+        return result
+
+    def template(self, *args: str, release: str = RELEASE, namespace: str = NAMESPACE) -> Docs:
+        """The chart's objects, rendered as a release in a namespace."""
+        out = self("template", release, str(CHART), f"--namespace={namespace}", *args).stdout
+        return [doc for doc in yaml.safe_load_all(out) if doc]

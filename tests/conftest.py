@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from chatflow.examples import build_tiny_example, save_llama_tokenizer
-from cluster import Operator, install_operator_manifests
+from cluster import CHART, NAMESPACE, RELEASE, Helm, Operator, install_operator_manifests
 from controlplane import ControlPlane
+from node import Node
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "manifests" / "examples" / "tiny.yaml"
@@ -63,3 +64,23 @@ def operator(cluster: ControlPlane, tmp_path: Path) -> Iterator[Operator]:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A real node with its control plane and the training operator (tests/node), once per
+    session: it takes some 20 seconds to start, and minutes to build the first time."""
+    with Node(tmp_path_factory.mktemp("node")) as node:
+        yield node
+
+
+@pytest.fixture(scope="session")
+def release(node: Node, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The operator, installed as README says: helm install of the chart, the image ours. Once
+    per session, as the node: a second install of the release would fail."""
+    helm = Helm(tmp_path_factory.mktemp("helm"))
+    helm("install", RELEASE, str(CHART), f"--namespace={NAMESPACE}", "--create-namespace",
+         cp=node.cp)  # fmt: skip
+    node.kubectl(f"--namespace={NAMESPACE}", "rollout", "status", f"deployment/{RELEASE}",
+                 "--timeout=180s")  # fmt: skip
+    return RELEASE

@@ -8,10 +8,8 @@ here are in tests/helm-values/; those in its invalid/ subdirectory must be rejec
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,53 +19,15 @@ import yaml
 from chatflow.observability.queries import OPERATOR_JOB, TRAINER_JOB
 from chatflow_operator import crd as crd_generator
 from chatflow_operator.render import pytorch_job
-from cluster import REPO, wait_for
-from controlplane import CommandError, ControlPlane
+from cluster import CHART, NAMESPACE, RELEASE, REPO, Docs, Helm, wait_for
+from controlplane import ControlPlane
 from factories import run_document
 
-CHART = REPO / "charts" / "chatflow-operator"
 BASE = REPO / "manifests" / "base"
 VALUES = REPO / "tests" / "helm-values"
 VALUE_FILES = sorted(VALUES.glob("*.yaml"))
-# The kustomize base's release name and namespace: the chart then names everything as it does.
-RELEASE = "chatflow-operator"
-NAMESPACE = "chatflow-system"
 CRD = "chatflowruns.chatflow.io"
 MONITORING = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-
-Docs = list[dict[str, Any]]
-
-
-class Helm:
-    """The helm binary of tests/tools/helm.sh, its own state (caches, config) in workdir."""
-
-    def __init__(self, workdir: Path) -> None:
-        built = subprocess.run(
-            [REPO / "tests" / "tools" / "helm.sh"], check=True, stdout=subprocess.PIPE, text=True
-        )
-        self.binary = built.stdout.splitlines()[-1]
-        self.env = os.environ | {
-            f"HELM_{kind}_HOME": str(workdir / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")
-        }
-
-    def __call__(
-        self, *args: str, cp: ControlPlane | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        """Run helm, against cp's API server as its admin if given; with check, raise on failure."""
-        cmd, env = [self.binary, *args], self.env
-        if cp is not None:
-            cmd.append(f"--kubeconfig={cp.kubeconfig}")
-            # Discovery cached per control plane, as ControlPlane.kubectl does.
-            env = env | {"KUBECACHEDIR": str(cp.workdir / "helm-kube-cache")}
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if check and result.returncode:
-            raise CommandError(result.returncode, cmd, result.stdout, result.stderr)
-        return result
-
-    def template(self, *args: str, release: str = RELEASE, namespace: str = NAMESPACE) -> Docs:
-        """The chart's objects, rendered as a release in a namespace."""
-        out = self("template", release, str(CHART), f"--namespace={namespace}", *args).stdout
-        return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
 @pytest.fixture(scope="session")

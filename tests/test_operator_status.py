@@ -110,3 +110,25 @@ def test_progress_is_read_from_the_trainers_metrics_page() -> None:
         "lastCheckpointStep": 20,
         "updatedAt": NOW,
     }
+
+
+def test_a_failed_run_says_what_its_trainer_said_and_keeps_it() -> None:
+    error = "spec.data.sources[1].path: no such file or directory: /nonexistent/zh.jsonl"
+    master = {
+        "status": {
+            "containerStatuses": [
+                {"name": "pytorch", "state": {"terminated": {"exitCode": 2, "message": error}}}
+            ]
+        }
+    }
+    preempted = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 143}}}]}}
+    assert status.trainer_error([preempted, master]) == error
+    assert status.trainer_error([preempted]) is None
+
+    failed = job(condition("Running", NOW, "False"), condition("Failed", NOW))
+    first = status.run_status(stored_run(), "j", failed, trainer_error=error, now=NOW)
+    (condition_,) = [c for c in first["conditions"] if c["type"] == "Failed"]
+    assert (condition_["reason"], condition_["message"]) == ("TrainerError", error)
+    # The pods are gone on a later pass: the message stays.
+    later = status.run_status(stored_run(**first), "j", failed, now=NOW)
+    assert later["conditions"] == first["conditions"]

@@ -6,7 +6,6 @@ and its global sample sequence. fp32 keeps the comparison exact (bf16 would add 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from factories import tiny_manifest
+from outputs import losses, samples
 
 CHATFLOW = str(Path(sys.executable).parent / "chatflow")
 TRAINING = {
@@ -81,31 +81,6 @@ def start(manifest: Path, output: Path, cache: Path, processes: int = 2) -> Run:
 
 def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def losses(output: Path) -> dict[int, float]:
-    """Loss per step from rank 0's history (a step redone after a crash: its last record)."""
-    history = output / "history.jsonl"
-    if not history.exists():
-        return {}
-    records = [json.loads(line) for line in history.read_text().splitlines() if line]
-    return {r["step"]: r["loss"] for r in records if r["event"] == "step"}
-
-
-def samples(output: Path) -> dict[int, list[int]]:
-    """The global sample indices trained on at each step, over all ranks.
-
-    A rank's step redone after a crash replaces its first try.
-    """
-    merged: dict[int, list[int]] = {}
-    for path in sorted((output / "samples").glob("rank-*.jsonl")):
-        steps = {}
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            steps[record["step"]] = record["indices"]
-        for step, indices in steps.items():
-            merged.setdefault(step, []).extend(indices)
-    return {step: sorted(indices) for step, indices in merged.items()}
 
 
 def free_port() -> int:

@@ -25,6 +25,7 @@ JOB_PHASES = {
     "Failed": "Failed",
 }
 TERMINAL = ("Succeeded", "Failed")
+TRAINER_ERROR = "TrainerError"  # the reason of a Failed condition that carries the trainer's error
 
 
 def _current_condition(job: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -67,14 +68,27 @@ def run_status(
     replacing: str | None = None,
     restarts: int = 0,
     progress: MixtureProgress | None = None,
+    trainer_error: str | None = None,
     now: str,
 ) -> dict[str, Any]:
     """The status to write: `job` is the current spec's job (None until it exists); `replacing`
-    names an outdated job still being deleted, during which the run is Restarting."""
+    names an outdated job still being deleted, during which the run is Restarting;
+    `trainer_error` is why a failed job's trainer gave up (see trainer_error())."""
     old = ChatFlowRunStatus.model_validate(run.get("status") or {})
     generation = run["metadata"].get("generation", 0)
     conditions = _mirrored(job, generation)
     phase = job_phase(job)
+    if phase == "Failed":
+        # The job's condition names the replica that failed; the trainer's error says why. Once
+        # read it is kept: the pods that held it may be deleted.
+        kept = next((c.message for c in old.conditions if c.reason == TRAINER_ERROR), None)
+        if trainer_error or kept:
+            conditions = [
+                c.model_copy(update={"reason": TRAINER_ERROR, "message": trainer_error or kept})
+                if c.type == "Failed" and c.status == "True"
+                else c
+                for c in conditions
+            ]
     if replacing:
         phase = "Restarting"
         conditions = [c for c in conditions if c.type != "Restarting"] + [
@@ -99,6 +113,18 @@ def run_status(
         progress=progress or old.progress,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def trainer_error(pods: list[dict[str, Any]]) -> str | None:
+    """The termination message of a trainer that exited with an error, if a pod has one: the
+    trainer writes its one-line error there (chatflow.train.loop)."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in (container.get("state"), container.get("lastState")):
+                terminated = (state or {}).get("terminated") or {}
+                if terminated.get("exitCode") and terminated.get("message"):
+                    return terminated["message"].strip()
+    return None
 
 
 def transition(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, str] | None:

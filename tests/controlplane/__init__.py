@@ -2,7 +2,8 @@
 
 etcd, kube-apiserver and kube-controller-manager, built by build.sh (see README.md), run as local
 processes on free 127.0.0.1 ports; the apiserver authorizes with RBAC. No scheduler or kubelet
-runs: pods are stored, never run.
+runs: pods are stored, never run. With `node_ip`, the apiserver serves on that address instead,
+for the real node of tests/node (see there).
 
     with ControlPlane(tmp_path) as cp:
         cp.install_pytorchjob_crd()
@@ -12,6 +13,7 @@ runs: pods are stored, never run.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import socket
 import ssl
 import subprocess
@@ -31,6 +33,8 @@ START_TIMEOUT = 60  # seconds; a warm start takes a few
 STOP_TIMEOUT = 10  # seconds from SIGTERM to SIGKILL
 # P-256 keys: generated in milliseconds, where RSA keys take a noticeable part of the start.
 EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+LEAF = ("basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature")
+SERVICE_CIDR = "10.96.0.0/16"  # ClusterIPs
 
 
 @functools.cache
@@ -50,8 +54,12 @@ class CommandError(subprocess.CalledProcessError):
 class ControlPlane:
     """A control plane whose files (certificates, etcd data, process logs) live in workdir."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, node_ip: str | None = None) -> None:
+        """With node_ip (an address of this host), the control plane of a real node: the
+        apiserver serves and advertises there, so pods reach it through the `kubernetes`
+        Service; nodes are authorized as nodes; pods get ServiceAccount tokens."""
         self.workdir = Path(workdir)
+        self.node_ip = node_ip
         self.certs = self.workdir / "certs"
         self.ca_file = self.certs / "ca.crt"
         self.kubeconfig = self.workdir / "kubeconfig"  # the admin's (group system:masters)
@@ -78,7 +86,8 @@ class ControlPlane:
         self.certs.mkdir(parents=True, exist_ok=True)
         etcd_port, peer_port, api_port = _free_ports(3)
         etcd, peer = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
-        self.server = f"https://127.0.0.1:{api_port}"
+        address = self.node_ip or "127.0.0.1"
+        self.server = f"https://{address}:{api_port}"
         self._spawn(
             "etcd",
             "--name=test",
@@ -98,23 +107,36 @@ class ControlPlane:
             "kube-apiserver",
             f"--etcd-servers={etcd}",
             f"--secure-port={api_port}",
-            "--bind-address=127.0.0.1",
+            f"--bind-address={address}",
             # Not the host's default interface, which a sandbox may lack.
-            "--advertise-address=127.0.0.1",
-            # The default reconciler makes the advertised address the endpoint of the
-            # `kubernetes` Service, and Endpoints reject loopback addresses.
-            "--endpoint-reconciler-type=none",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            f"--advertise-address={address}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--tls-cert-file={c / 'apiserver.crt'}",
             f"--tls-private-key-file={c / 'apiserver.key'}",
             f"--client-ca-file={self.ca_file}",
-            "--authorization-mode=RBAC",
-            # It rejects pods in a namespace whose `default` ServiceAccount the controller manager
-            # has not created yet; no kubelet mounts the token it adds anyway.
-            "--disable-admission-plugins=ServiceAccount",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={c / 'sa.pub'}",
             f"--service-account-signing-key-file={c / 'sa.key'}",
+            *(
+                (
+                    "--authorization-mode=Node,RBAC",
+                    # For `kubectl logs` and `exec`: the kubelet trusts this CA's clients.
+                    f"--kubelet-client-certificate={c / 'apiserver-kubelet-client.crt'}",
+                    f"--kubelet-client-key={c / 'apiserver-kubelet-client.key'}",
+                    # The node's name is no host name this machine resolves.
+                    "--kubelet-preferred-address-types=InternalIP",
+                )
+                if self.node_ip
+                else (
+                    "--authorization-mode=RBAC",
+                    # The default reconciler makes the advertised address the endpoint of the
+                    # `kubernetes` Service, and Endpoints reject loopback addresses.
+                    "--endpoint-reconciler-type=none",
+                    # It rejects pods in a namespace whose `default` ServiceAccount the controller
+                    # manager has not created yet; no kubelet mounts the token it adds anyway.
+                    "--disable-admission-plugins=ServiceAccount",
+                )
+            ),
         )
         self._write_kubeconfig(
             self.kubeconfig,
@@ -216,32 +238,47 @@ class ControlPlane:
         """A Python client acting as the admin."""
         return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
 
+    def kubeconfig_for_user(self, user: str, groups: tuple[str, ...], path: Path) -> Path:
+        """Write a kubeconfig with a client certificate for user in groups; return its path."""
+        name = path.stem
+        subject = "".join(f"/O={group}" for group in groups) + f"/CN={user}"
+        self._cert(name, subject, *LEAF, "extendedKeyUsage=clientAuth")
+        client = {"client-certificate": f"{self.certs / name}.crt"}
+        return self._write_kubeconfig(path, client | {"client-key": f"{self.certs / name}.key"})
+
     def _make_certs(self) -> None:
-        """A CA; the apiserver's serving certificate; the admin's client certificate, in group
-        system:masters; the key pair that signs ServiceAccount tokens."""
+        """A CA; the apiserver's serving certificate, and its client certificate for kubelets;
+        the admin's client certificate, in group system:masters; the key pair that signs
+        ServiceAccount tokens."""
         c = self.certs
-
-        def cert(name: str, subject: str, *extensions: str, signed: bool = True) -> None:
-            ca = ("-CA", c / "ca.crt", "-CAkey", c / "ca.key") if signed else ()
-            _run(
-                "openssl", "req", "-x509", *EC_KEY, *ca, "-days", "3650", "-subj", subject,
-                "-keyout", c / f"{name}.key", "-out", c / f"{name}.crt",
-                *(arg for ext in extensions for arg in ("-addext", ext)),
-            )  # fmt: skip
-
         # Python's ssl (strict X.509 checks from 3.13) wants the CA's key usage spelled out.
-        cert("ca", "/CN=chatflow-test-ca", "keyUsage=critical,keyCertSign,cRLSign", signed=False)
-        leaf = ("basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature")
-        cert(
-            "apiserver",
-            "/CN=kube-apiserver",
-            *leaf,
-            "extendedKeyUsage=serverAuth",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        )
-        cert("admin", "/O=system:masters/CN=admin", *leaf, "extendedKeyUsage=clientAuth")
+        self._cert("ca", "/CN=chatflow-test-ca", "keyUsage=critical,keyCertSign,cRLSign")
+        # Pods call the apiserver as kubernetes.default.svc at the Service range's first address.
+        names = "IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,DNS:kubernetes.default"
+        names += f",IP:{ipaddress.ip_network(SERVICE_CIDR)[1]}"
+        if self.node_ip:
+            names += f",IP:{self.node_ip}"
+        self._cert(
+            "apiserver", "/CN=kube-apiserver", *LEAF, "extendedKeyUsage=serverAuth",
+            f"subjectAltName={names}",
+        )  # fmt: skip
+        self._cert("admin", "/O=system:masters/CN=admin", *LEAF, "extendedKeyUsage=clientAuth")
+        self._cert(
+            "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            *LEAF, "extendedKeyUsage=clientAuth",
+        )  # fmt: skip
         _run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", c / "sa.key")
         _run("openssl", "pkey", "-in", c / "sa.key", "-pubout", "-out", c / "sa.pub")
+
+    def _cert(self, name: str, subject: str, *extensions: str) -> None:
+        """certs/name.crt and .key, signed by the CA (self-signed for the CA itself)."""
+        c = self.certs
+        ca = ("-CA", c / "ca.crt", "-CAkey", c / "ca.key") if name != "ca" else ()
+        _run(
+            "openssl", "req", "-x509", *EC_KEY, *ca, "-days", "3650", "-subj", subject,
+            "-keyout", c / f"{name}.key", "-out", c / f"{name}.crt",
+            *(arg for ext in extensions for arg in ("-addext", ext)),
+        )  # fmt: skip
 
     def _spawn(self, name: str, *args: str) -> None:
         with (self.workdir / f"{name}.log").open("ab") as log:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the integration tests' control plane (kube-apiserver, kube-controller-manager and etcd, from
-# the Go modules beside this script) and fetches Kubeflow's PyTorchJob CRD, once per set of inputs:
+# Builds the integration tests' Kubernetes (kube-apiserver, kube-controller-manager and etcd for the
+# control plane; kube-scheduler, kubelet and kube-proxy for the real node of tests/node; from the Go
+# modules beside this script) and fetches Kubeflow's PyTorchJob CRD, once per set of inputs:
 # the cache directory's name holds the versions and a hash of this script and those modules, so
 # changing any of them builds afresh. Safe to run concurrently and to interrupt: everything is built
 # in a temporary directory that is renamed into place when complete.
@@ -24,7 +25,7 @@ CACHE=${CHATFLOW_CACHE_DIR:-$HOME/.cache/chatflow}/controlplane
 DIR=$CACHE/k8s-$K8S-etcd-$ETCD-$HASH
 
 if [ ! -d "$DIR" ]; then
-    echo "building the test control plane into $DIR (about 9 minutes the first time)" >&2
+    echo "building the test control plane into $DIR (about 12 minutes the first time)" >&2
     mkdir -p "$CACHE"
     TMP=$(mktemp -d "$CACHE/.build.XXXXXX")
     trap 'rm -rf "$TMP"' EXIT
@@ -38,7 +39,8 @@ if [ ! -d "$DIR" ]; then
         -X k8s.io/component-base/version.gitTreeState=clean"
     BUILD=(build -mod=readonly -buildvcs=false -trimpath)
     (cd "$HERE/kubernetes" && CGO_ENABLED=0 "$GO" "${BUILD[@]}" -ldflags "-s -w $STAMP" \
-        -o "$TMP/bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+        -o "$TMP/bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+        k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
     (cd "$HERE/etcd" && CGO_ENABLED=0 "$GO" "${BUILD[@]}" -ldflags "-s -w" -o "$TMP/bin/etcd" .)
     test "$("$TMP/bin/kube-apiserver" --version)" = "Kubernetes $K8S"
 

@@ -17,6 +17,7 @@ resuming reproduces an uninterrupted run exactly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -55,6 +56,8 @@ from chatflow.train.metrics import TrainerMetrics, flops_per_token, peak_flops_f
 from chatflow.train.precision import for_job
 from chatflow.train.progress import Progress
 
+# Where Kubernetes reads a container's termination message (its terminationMessagePath default).
+TERMINATION_LOG = Path("/dev/termination-log")
 PREEMPTED = 128 + signal.SIGTERM  # a retryable exit code for the PyTorchJob's restart policy
 
 
@@ -64,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, type=Path, help="checkpoints and final model")
     parser.add_argument("--cache-dir", required=True, type=Path, help="packed-data cache")
     parser.add_argument(
-        "--log-samples", action="store_true", help="record every rank's global sample indices"
+        "--log-samples",
+        action="store_true",
+        # The variable reaches pods through a run's spec.env, which the command line does not.
+        default=os.environ.get("CHATFLOW_LOG_SAMPLES") == "1",
+        help="record every rank's global sample indices (or CHATFLOW_LOG_SAMPLES=1)",
     )
     args = parser.parse_args(argv)
     try:
@@ -74,7 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same problem
             for line in str(e).splitlines():
                 print(f"chatflow: error: {line}", file=sys.stderr)
+            _termination_message(str(e))
         return 2 if isinstance(e, SpecError) else 1
+
+
+def _termination_message(message: str) -> None:
+    """In a pod, the container's termination message: its pod's status shows it, and the
+    operator puts it in the run's Failed condition."""
+    if TERMINATION_LOG.exists():
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(message)
 
 
 def train(

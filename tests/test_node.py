@@ -1,0 +1,195 @@
+"""End to end on a real node (tests/node): the operator installed with helm from its image, the
+tiny example applied as README's "Run on Kubernetes" says, the training operator's pods training
+with our trainer image, and what users do to a running run (preemption, suspend, resize).
+
+A run's samples are compared with the plan (tests/outputs.global_batches): every step trains on
+exactly its global batch, also when the job was interrupted, as an uninterrupted run does
+(test_train checks that against a run on this host).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster import REPO, wait_for
+from node import Node
+from outputs import global_batches, losses, samples
+
+pytestmark = pytest.mark.node
+
+RUN = "tiny"  # manifests/examples' run
+TRAIN_TIMEOUT = 900  # seconds for a whole tiny run on two CPU pods
+STEPS, GLOBAL_BATCH = 60, 16  # manifests/examples/tiny.yaml
+
+
+@pytest.fixture
+def namespace(node: Node, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{secrets.token_hex(2)}"
+    node.kubectl("create", "namespace", name)
+    yield name
+    node.kubectl("delete", "namespace", name, "--wait=false")
+
+
+class Run:
+    """The tiny example applied in a namespace, its volume a directory of this host."""
+
+    def __init__(self, node: Node, namespace: str, volume: Path) -> None:
+        self.node, self.namespace, self.volume = node, namespace, volume
+        self.output = volume / "runs" / RUN
+
+    def kubectl(self, *args: str, **kwargs: Any) -> Any:
+        return self.node.kubectl(f"--namespace={self.namespace}", *args, **kwargs)
+
+    def get(self, kind: str = "chatflowrun", name: str = RUN) -> dict[str, Any]:
+        return json.loads(self.kubectl("get", kind, name, "-o", "json").stdout)
+
+    def status(self) -> dict[str, Any]:
+        return self.get().get("status", {})
+
+    def patch(self, spec: dict[str, Any]) -> None:
+        self.kubectl("patch", "chatflowrun", RUN, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+    def wait_phase(self, *phases: str, timeout: float = TRAIN_TIMEOUT) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            status = self.status()
+            if status.get("phase") == "Failed" and "Failed" not in phases:
+                raise AssertionError(f"the run failed: {json.dumps(status)}\n{self.diagnose()}")
+            return status if status.get("phase") in phases else None
+
+        try:
+            return wait_for(reached, f"phase {' or '.join(phases)}", timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.diagnose()}") from None
+
+    def wait_step(self, step: int) -> dict[str, Any]:
+        """Until rank 0's metrics, read by the operator into status, show `step` done."""
+        return wait_for(
+            lambda: self.status() if self.status().get("progress", {}).get("step", 0) >= step
+            else None,
+            f"step {step} in status.progress", TRAIN_TIMEOUT,
+        )  # fmt: skip
+
+    def pods(self) -> list[dict[str, Any]]:
+        out = self.kubectl("get", "pods", "-l", f"chatflow.io/run={RUN}", "-o", "json").stdout
+        return json.loads(out)["items"]
+
+    def diagnose(self) -> str:
+        """The run, its job and pods, and the pods' last log lines: for failure messages."""
+        parts = [self.kubectl("get", "cfr,pytorchjobs,pods", "-o", "wide", check=False).stdout]
+        for pod in self.pods():
+            name = pod["metadata"]["name"]
+            logs = self.kubectl("logs", name, "--tail=25", "--all-containers", check=False)
+            parts.append(f"--- {name}\n{logs.stdout}{logs.stderr}")
+        return "\n".join(parts)
+
+
+def apply_tiny(node: Node, namespace: str, change: Any = None) -> Run:
+    """`kubectl apply -k manifests/examples` in the namespace, its claim bound to a fresh volume
+    of the node; `change(docs)` may edit the kustomized objects first."""
+    volume = node.add_volume(f"{namespace}-data", claim=(namespace, "tiny-data"))
+    if change is None:
+        node.kubectl(f"--namespace={namespace}", "apply", "-k", str(REPO / "manifests/examples"))
+    else:
+        built = node.kubectl("kustomize", str(REPO / "manifests/examples")).stdout
+        docs = list(yaml.safe_load_all(built))
+        change({doc["kind"]: doc for doc in docs})
+        node.kubectl(f"--namespace={namespace}", "apply", "-f", "-",
+                     input=yaml.safe_dump_all(docs))  # fmt: skip
+    return Run(node, namespace, volume)
+
+
+def assert_trained_exactly(run: Run) -> None:
+    """Done, every step on its own global batch, and the final model loadable."""
+    assert samples(run.output) == global_batches(STEPS, GLOBAL_BATCH)
+    assert sorted(losses(run.output)) == list(range(1, STEPS + 1))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run.output / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run.output / "model")
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+
+def test_tiny_example_trains_on_the_node(node: Node, release: str, namespace: str) -> None:
+    run = apply_tiny(node, namespace)
+    status = run.wait_step(1)
+    # Live: the operator (a pod) read rank 0's metrics from the master pod.
+    assert status["phase"] == "Running"
+    assert 0 < status["progress"]["fraction"] < 1
+    roles = {p["metadata"]["labels"]["training.kubeflow.org/replica-type"] for p in run.pods()}
+    assert roles == {"master", "worker"}
+    images = {c["image"] for p in run.pods() for c in p["spec"]["containers"]}
+    assert images == {"ghcr.io/chatflow/trainer:0.1.0"}
+
+    status = run.wait_phase("Succeeded")
+    assert status["progress"]["fraction"] == 1.0
+    assert status["progress"]["step"] == STEPS
+    assert_trained_exactly(run)
+    job = run.get("pytorchjob", status["jobName"])
+    assert job["status"]["conditions"][-1]["type"] == "Succeeded"
+
+
+@pytest.mark.parametrize("role", ["worker", "master"])
+def test_a_deleted_pod_restarts_the_job_from_its_checkpoint(
+    node: Node, release: str, namespace: str, role: str
+) -> None:
+    run = apply_tiny(node, namespace)
+    # After the first checkpoint (every 20 steps) and before the end.
+    run.wait_step(24)
+    job = run.status()["jobName"]
+    run.kubectl("delete", "pod", f"{job}-{role}-0", "--wait=false")
+    run.wait_phase("Succeeded")
+    history = (run.output / "history.jsonl").read_text().splitlines()
+    # Every start of the trainer records its precision at the step it starts from.
+    starts = [r["step"] for r in map(json.loads, history) if r["event"] == "precision"]
+    assert starts[0] == 0 and starts[-1] >= 20, starts
+    assert_trained_exactly(run)
+
+
+def test_suspend_then_resume_continues_exactly(node: Node, release: str, namespace: str) -> None:
+    run = apply_tiny(node, namespace)
+    run.wait_step(12)
+    run.patch({"suspend": True})
+    run.wait_phase("Suspended", timeout=180)
+    wait_for(lambda: not run.pods(), "the pods to go", 180)
+    checkpoints = sorted((run.output / "checkpoints").glob("step-*"))
+    assert checkpoints, "suspended without a checkpoint"
+    run.patch({"suspend": False})
+    run.wait_phase("Succeeded")
+    assert_trained_exactly(run)
+
+
+def test_more_nodes_replace_the_job_and_resume(node: Node, release: str, namespace: str) -> None:
+    run = apply_tiny(node, namespace)
+    status = run.wait_step(24)
+    first_job = status["jobName"]
+    run.patch({"nodes": 3})
+    status = run.wait_phase("Succeeded")
+    assert status["jobName"] != first_job
+    assert status["restarts"] >= 1
+    assert {p["metadata"]["name"] for p in run.pods()} >= {f"{status['jobName']}-worker-1"}
+    assert_trained_exactly(run)
+
+
+def test_a_missing_data_path_fails_the_run_naming_the_field(
+    node: Node, release: str, namespace: str
+) -> None:
+    def missing_path(docs: dict[str, Any]) -> None:
+        docs["ChatFlowRun"]["spec"]["data"]["sources"][1]["path"] = "/nonexistent/zh.jsonl"
+
+    run = apply_tiny(node, namespace, missing_path)
+    status = run.wait_phase("Failed", timeout=300)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "spec.data.sources[1].path" in failed["message"], failed
+    assert "/nonexistent/zh.jsonl" in failed["message"], failed
+    # Failed for good: no pod restarted in a loop.
+    for pod in run.pods():
+        assert all(c.get("restartCount", 0) == 0 for c in pod["status"]["containerStatuses"])
