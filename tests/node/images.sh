@@ -95,6 +95,14 @@ for name in trainer operator; do
     exists "$image" || build_dockerfile "$dockerfile" "$image" "ghcr.io/chatflow/$name:$VERSION"
     IMAGES[$name]=$image
 done
+# Only the current images are kept (the trainer's is gigabytes), with the layers they use: the
+# cache of the next build after a code change.
+"${BUILDAH[@]}" images --format '{{.Name}}:{{.Tag}}' | while read -r old; do
+    case $old in
+    localhost/chatflow-test/*) [[ " ${IMAGES[*]} $BASE " == *" $old "* ]] || "${BUILDAH[@]}" rmi -f "$old" >/dev/null ;;
+    esac
+done
+"${BUILDAH[@]}" rmi --prune >/dev/null 2>&1 || true
 
 if [ "${1:-}" = --import ]; then
     CTR=(ctr --address "$2" --namespace k8s.io)
@@ -109,6 +117,9 @@ if [ "${1:-}" = --import ]; then
         "${CTR[@]}" images import --no-unpack=false "$archive" >&2
         rm -f "$archive"
         [ $name = pause ] || "${CTR[@]}" images tag --force "$image" "ghcr.io/chatflow/$name:$VERSION" >/dev/null
+        # The image it replaces, and (--sync) the content and snapshots only that one used.
+        "${CTR[@]}" images ls -q "name~=^localhost/chatflow-test/$name:" | grep -vxF "$image" |
+            xargs -r "${CTR[@]}" images rm --sync >/dev/null
     done
 fi
 for name in pause trainer operator; do echo "$name ${IMAGES[$name]}"; done
