@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import subprocess
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster import REPO, wait_for
+from chatflow.observability.queries import TRAINER_JOB
+from cluster import REPO, free_port, wait_for
 from node import Node
 from outputs import global_batches, losses, samples
 
@@ -118,9 +122,96 @@ def assert_trained_exactly(run: Run) -> None:
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
 
 
-def test_tiny_example_trains_on_the_node(node: Node, release: str, namespace: str) -> None:
+def podmonitor_scrape_config(podmonitor: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
+    """The scrape job the Prometheus Operator generates from a PodMonitor (no such operator runs
+    here): pods found through the Kubernetes API, kept by the monitor's label selector and port
+    name, labelled namespace/pod/container, then the endpoint's own relabelings."""
+    spec = podmonitor["spec"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    keep = [
+        {
+            "action": "keep",
+            "source_labels": [
+                "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key),
+                "__meta_kubernetes_pod_labelpresent_" + re.sub(r"[^a-zA-Z0-9_]", "_", key),
+            ],
+            "regex": f"({re.escape(value)});true",
+        }
+        for key, value in spec["selector"]["matchLabels"].items()
+    ]
+    keep.append(
+        {
+            "action": "keep",
+            "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+            "regex": endpoint["port"],
+        }
+    )
+    meta = [
+        {"source_labels": [f"__meta_kubernetes_{source}"], "target_label": target}
+        for source, target in (
+            ("namespace", "namespace"),
+            ("pod_name", "pod"),
+            ("pod_container_name", "container"),
+        )
+    ]
+    # The monitor's camelCase keys (targetLabel, sourceLabels) are Prometheus' snake_case ones.
+    relabel = [
+        {re.sub("([A-Z])", r"_\1", key).lower(): value for key, value in rule.items()}
+        for rule in endpoint.get("relabelings", [])
+    ]
+    return {
+        "job_name": f"podMonitor/{podmonitor['metadata']['name']}",
+        "scrape_interval": "2s",
+        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig)}],
+        "relabel_configs": keep + meta + relabel,
+    }
+
+
+@pytest.fixture
+def prometheus(node: Node, tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus on the host (it reaches pod IPs over the bridge) scraping what
+    manifests/monitoring's PodMonitor selects; its query API's URL."""
+    tools = subprocess.run(["bash", str(REPO / "tests/tools/prometheus.sh")], check=True,
+                           capture_output=True, text=True).stdout.splitlines()[-1]  # fmt: skip
+    podmonitor = yaml.safe_load((REPO / "manifests/monitoring/podmonitor.yaml").read_text())
+    config = {"scrape_configs": [podmonitor_scrape_config(podmonitor, node.cp.kubeconfig)]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    web = f"127.0.0.1:{free_port()}"
+    with (tmp_path / "prometheus.log").open("w") as log:
+        process = subprocess.Popen(
+            [f"{tools}/prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={web}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        yield f"http://{web}"
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def query(prometheus: str, expr: str) -> list[dict[str, Any]]:
+    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.load(response)["data"]["result"]
+    except OSError:
+        return []
+
+
+def test_tiny_example_trains_on_the_node(
+    node: Node, release: str, namespace: str, prometheus: str
+) -> None:
     run = apply_tiny(node, namespace)
     status = run.wait_step(1)
+    job = status["jobName"]
+    # Prometheus found the master pod through the PodMonitor's rules, and only it.
+    series = wait_for(
+        lambda: query(prometheus, f'chatflow_samples_total{{namespace="{namespace}"}}'),
+        "the trainer's metrics in Prometheus", 120,
+    )  # fmt: skip
+    assert [s["metric"]["pod"] for s in series] == [f"{job}-master-0"]
+    assert series[0]["metric"]["job"] == TRAINER_JOB
     # Live: the operator (a pod) read rank 0's metrics from the master pod.
     assert status["phase"] == "Running"
     assert 0 < status["progress"]["fraction"] < 1

@@ -153,3 +153,22 @@ def test_run_policy_patch_toggles_suspend_and_drops_removed_fields() -> None:
     assert render.run_policy_patch(suspended, job) == {
         "spec": {"runPolicy": {"suspend": True, "ttlSecondsAfterFinished": None}}
     }
+
+
+def test_stale_children_are_the_runs_own_under_other_names() -> None:
+    run = cluster_run(nodes=3)
+    earlier = cluster_run(nodes=2)  # a replaced spec, whose children a killed pass left behind
+    jobs = [render.pytorch_job(earlier), render.pytorch_job(run)]
+    assert render.stale_children(run, jobs) == [jobs[0]]
+    assert render.stale_children(cluster_run(nodes=3, suspend=True), jobs) == [jobs[0]]
+    assert render.stale_children(run, jobs[1:]) == []
+
+    # Only children the run controls: not one that merely carries its label, nor those of a
+    # deleted run of the same name that garbage collection has yet to take.
+    unowned = render.config_map(earlier)
+    del unowned["metadata"]["ownerReferences"]
+    predecessors = render.config_map(earlier)
+    predecessors["metadata"]["ownerReferences"][0]["uid"] = "uid-0"
+    left_behind = render.config_map(cluster_run(nodes=4))
+    configs = [unowned, predecessors, render.config_map(run), left_behind]
+    assert render.stale_children(run, configs) == [left_behind]

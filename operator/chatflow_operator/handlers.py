@@ -68,12 +68,8 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
             settings.watching.label_selectors[resource] = render.RUN_LABEL
         memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event)
 
+    # On startup every run: its children may have changed while no operator watched.
     @kopf.on.resume(*RUNS, id="startup", backoff=RETRY_SECONDS, registry=registry)
-    def run_found(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        # At startup nothing says which children went missing while no operator watched.
-        with reconciling("run"):
-            memo.reconciler.reconcile(dict(body), check_config=True)
-
     @kopf.on.create(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
     @kopf.on.update(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
     def run_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -108,7 +104,7 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
     def config_deleted(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type == "DELETED":
             with reconciling("child"):
-                memo.reconciler.reconcile_child(dict(body), check_config=True)
+                memo.reconciler.reconcile_child(dict(body))
 
     @kopf.on.event(*RUNS, registry=registry)
     async def run_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

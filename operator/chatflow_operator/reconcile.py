@@ -3,7 +3,7 @@
 Level-triggered: every call reads what exists and converges on what `render` says should, whatever
 triggered it (a spec change, a job's status change, a deleted child, the progress timer, an operator
 restart). Children have deterministic names, so a create that finds its child already there adopts
-it instead of making a second one.
+it instead of making a second one, and a child of the run under any other name is deleted.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _owned_by(child: dict[str, Any], run: dict[str, Any]) -> bool:
-    owners = child["metadata"].get("ownerReferences") or []
-    return any(o.get("uid") == run["metadata"]["uid"] and o.get("controller") for o in owners)
+def _named(children: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((c for c in children if c["metadata"]["name"] == name), None)
+
+
+def _deleting(child: dict[str, Any]) -> bool:
+    return bool(child["metadata"].get("deletionTimestamp"))
 
 
 class Reconciler:
@@ -59,7 +62,7 @@ class Reconciler:
         log.info("%s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
         self._post_event(run, kind, reason, message)
 
-    def reconcile_child(self, child: dict[str, Any], check_config: bool = False) -> None:
+    def reconcile_child(self, child: dict[str, Any]) -> None:
         """Reconcile the run a child belongs to, read afresh: the child's event may have raced
         with another pass that has just written the run's status."""
         meta = child["metadata"]
@@ -70,28 +73,30 @@ class Reconciler:
             run = self.kube.get(RUNS, meta["namespace"], run_name)
             if run is None or run["metadata"].get("deletionTimestamp"):
                 return  # the run is gone or going: garbage collection takes the children
-            self._reconcile(run, check_config=check_config)
+            self._reconcile(run)
 
-    def reconcile(
-        self, run: dict[str, Any], *, scrape: bool = False, check_config: bool = False
-    ) -> dict[str, Any]:
+    def reconcile(self, run: dict[str, Any], *, scrape: bool = False) -> dict[str, Any]:
         """Converge and write the status; returns it.
 
-        Every pass lists the run's jobs. `check_config` also looks for the current job's ConfigMap
-        (on startup, and when one was deleted); `scrape` reads a running trainer's progress.
+        Every pass lists the run's jobs and ConfigMaps; `scrape` reads a running trainer's progress.
         """
         if run["metadata"].get("deletionTimestamp"):
             # Going: the garbage collector takes the children, or (--cascade=orphan) frees them,
             # and adopting them back now would make them go with it.
             return run.get("status") or {}
-        with self._locks[run["metadata"]["namespace"], run["metadata"]["name"]]:
-            return self._reconcile(run, scrape=scrape, check_config=check_config)
-
-    def _reconcile(
-        self, run: dict[str, Any], *, scrape: bool = False, check_config: bool = False
-    ) -> dict[str, Any]:
         meta = run["metadata"]
-        new = self._converge(run, scrape, check_config)
+        with self._locks[meta["namespace"], meta["name"]]:
+            if scrape:
+                # The timer's body is the run as it was when the timer fired; a pass that held
+                # the lock meanwhile may have written a newer status (restarts among it).
+                run = self.kube.get(RUNS, meta["namespace"], meta["name"])
+                if run is None or run["metadata"].get("deletionTimestamp"):
+                    return {}
+            return self._reconcile(run, scrape=scrape)
+
+    def _reconcile(self, run: dict[str, Any], *, scrape: bool = False) -> dict[str, Any]:
+        meta = run["metadata"]
+        new = self._converge(run, scrape)
         old = run.get("status") or {}
         if new != old:
             removed = {key: None for key in old if key not in new}  # merge patch deletes
@@ -104,7 +109,7 @@ class Reconciler:
                 self.post_event(run, kind, *event)
         return new
 
-    def _converge(self, run: dict[str, Any], scrape: bool, check_config: bool) -> dict[str, Any]:
+    def _converge(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
         meta = run["metadata"]
         namespace, selector = meta["namespace"], f"{render.RUN_LABEL}={meta['name']}"
         want = render.job_name(run)
@@ -117,45 +122,45 @@ class Reconciler:
             and old.get("observedGeneration") == meta["generation"]
         )
 
-        jobs = {j["metadata"]["name"]: j for j in self.kube.list(JOBS, namespace, selector)}
-        current = jobs.pop(want, None)
+        jobs = self.kube.list(JOBS, namespace, selector)
+        config_maps = self.kube.list(CONFIG_MAPS, namespace, selector)
+        # Every pass deletes all that the current spec does not name, not just what the pass that
+        # saw a spec change replaced: a pass killed between its writes, or a ConfigMap made for a
+        # spec that changed again before its job was created, leaves children no later spec names.
         replacing = None
-        for name, stale in jobs.items():
-            if not _owned_by(stale, run):
-                continue  # someone else's job that happens to carry our label
-            replacing = name
-            if not stale["metadata"].get("deletionTimestamp"):
+        for stale in render.stale_children(run, jobs):
+            name = replacing = stale["metadata"]["name"]
+            if not _deleting(stale):
                 # Foreground: the job object stays until its pods are gone, so the new job cannot
                 # start writing checkpoints while the old pods still save theirs.
                 self.kube.delete(JOBS, namespace, name, foreground=True)
-                self.kube.delete(CONFIG_MAPS, namespace, name)  # named after its job
                 restarts += 1
                 self.post_event(
                     run, "Normal", "Restarting", f"spec changed: replacing job {name} with {want}"
                 )
+        for stale in render.stale_children(run, config_maps):
+            if not _deleting(stale):
+                self.kube.delete(CONFIG_MAPS, namespace, stale["metadata"]["name"])
         if replacing:
             return status.run_status(
                 run, want, None, replacing=replacing, restarts=restarts, now=now()
             )
+
+        current, config = _named(jobs, want), _named(config_maps, want)
         if finished and current is None:
             return old
-
-        if current is None:
-            # The ConfigMap first: the job's pods mount it.
+        # The ConfigMap first: the job's pods mount it.
+        if config is not None:
+            self._adopt(run, config, CONFIG_MAPS)
+        elif not finished:
             self._ensure(run, render.config_map(run), CONFIG_MAPS)
+            if current is not None:
+                self.post_event(run, "Normal", "Created", f"re-created ConfigMap {want}")
+        if current is None:
             current = self._ensure(run, render.pytorch_job(run), JOBS)
             self.post_event(run, "Normal", "Created", f"created ConfigMap and PyTorchJob {want}")
         else:
-            if not _owned_by(current, run):
-                current = self._adopt(run, current, JOBS)
-                check_config = True  # an orphaned job's ConfigMap is most likely orphaned too
-            if check_config and not finished:
-                config = self.kube.get(CONFIG_MAPS, namespace, want)
-                if config is None:
-                    self._ensure(run, render.config_map(run), CONFIG_MAPS)
-                    self.post_event(run, "Normal", "Created", f"re-created ConfigMap {want}")
-                else:
-                    self._adopt(run, config, CONFIG_MAPS)
+            current = self._adopt(run, current, JOBS)
             policy = render.run_policy_patch(run, current)
             if policy:
                 current = self.kube.patch(JOBS, namespace, want, policy)
@@ -181,7 +186,7 @@ class Reconciler:
 
     def _adopt(self, run: dict[str, Any], child: dict[str, Any], kind: Any) -> dict[str, Any]:
         """Make an existing child of the expected name the run's (e.g. one orphaned earlier)."""
-        if _owned_by(child, run):
+        if render.owned_by(child, run):
             return child
         meta = child["metadata"]
         others = [o for o in meta.get("ownerReferences") or [] if o.get("controller")]

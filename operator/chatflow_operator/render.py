@@ -78,6 +78,19 @@ def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def owned_by(child: dict[str, Any], run: dict[str, Any]) -> bool:
+    """Whether the run controls the child (an object that merely carries its label does not)."""
+    owners = child["metadata"].get("ownerReferences") or []
+    return any(o.get("uid") == run["metadata"]["uid"] and o.get("controller") for o in owners)
+
+
+def stale_children(run: dict[str, Any], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's children (of one kind) that its current spec no longer names: every one to
+    delete, whichever earlier spec or interrupted pass left it behind."""
+    current = job_name(run)
+    return [c for c in children if owned_by(c, run) and c["metadata"]["name"] != current]
+
+
 def _metadata(run: dict[str, Any]) -> dict[str, Any]:
     name = run["metadata"]["name"]
     return {

@@ -592,6 +592,8 @@ state = "{RUN_DIR / "containerd"}"
     def _remove_pods(self) -> None:
         """Delete every pod and wait until the kubelet has stopped their containers and torn down
         their sandboxes (network namespaces, CNI addresses)."""
+        # Cordoned first, or Deployments and jobs would place new pods as fast as these go.
+        self.kubectl("cordon", NODE_NAME, check=False)
         self.kubectl("delete", "pods", "--all", "--all-namespaces", "--grace-period=0",
                      "--force", "--wait=false", check=False)  # fmt: skip
         deadline = time.monotonic() + 60
