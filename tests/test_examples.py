@@ -130,6 +130,12 @@ def test_tiny_example_files(tiny_assets: Path) -> None:
         assert license_ in licenses
 
 
+def test_every_asset_is_readable_by_every_user(tiny_assets: Path) -> None:
+    """The trainer image builds the assets as root and trains as uid 65532."""
+    files = [path for path in tiny_assets.rglob("*") if path.is_file()]
+    assert files and all(path.stat().st_mode & 0o444 == 0o444 for path in files)
+
+
 def test_new_tokens_are_split_into_byte_pieces(tiny_assets: Path) -> None:
     from transformers import AutoTokenizer
 

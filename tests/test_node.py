@@ -32,6 +32,15 @@ pytestmark = pytest.mark.node
 RUN = "tiny"  # manifests/examples' run
 TRAIN_TIMEOUT = 900  # seconds for a whole tiny run on two CPU pods
 STEPS, GLOBAL_BATCH = 60, 16  # manifests/examples/tiny.yaml
+# The interrupted runs are shorter: 30 steps, a checkpoint every 10.
+SHORT_STEPS, SHORT_CHECKPOINTS = 30, 10
+
+
+def shorter(docs: dict[str, Any]) -> None:
+    training = docs["ChatFlowRun"]["spec"]["training"]
+    training["maxSteps"] = SHORT_STEPS
+    training["checkpoint"]["everySteps"] = SHORT_CHECKPOINTS
+    training["eval"]["everySteps"] = SHORT_CHECKPOINTS
 
 
 @pytest.fixture
@@ -62,25 +71,33 @@ class Run:
     def patch(self, spec: dict[str, Any]) -> None:
         self.kubectl("patch", "chatflowrun", RUN, "--type=merge", "-p", json.dumps({"spec": spec}))
 
-    def wait_phase(self, *phases: str, timeout: float = TRAIN_TIMEOUT) -> dict[str, Any]:
-        def reached() -> dict[str, Any] | None:
+    def wait(self, what: str, done: Any, timeout: float = TRAIN_TIMEOUT) -> dict[str, Any]:
+        """Until done(status); fails at once if the run fails unless that is what is awaited."""
+
+        def check() -> dict[str, Any] | None:
             status = self.status()
-            if status.get("phase") == "Failed" and "Failed" not in phases:
-                raise AssertionError(f"the run failed: {json.dumps(status)}\n{self.diagnose()}")
-            return status if status.get("phase") in phases else None
+            if done(status):
+                return status
+            if status.get("phase") == "Failed":
+                raise AssertionError(f"the run failed: {json.dumps(status)}")
+            return None
 
         try:
-            return wait_for(reached, f"phase {' or '.join(phases)}", timeout)
+            return wait_for(check, what, timeout)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{self.diagnose()}") from None
 
+    def wait_phase(self, *phases: str, timeout: float = TRAIN_TIMEOUT) -> dict[str, Any]:
+        return self.wait(
+            f"phase {' or '.join(phases)}", lambda s: s.get("phase") in phases, timeout
+        )
+
     def wait_step(self, step: int) -> dict[str, Any]:
         """Until rank 0's metrics, read by the operator into status, show `step` done."""
-        return wait_for(
-            lambda: self.status() if self.status().get("progress", {}).get("step", 0) >= step
-            else None,
-            f"step {step} in status.progress", TRAIN_TIMEOUT,
-        )  # fmt: skip
+        return self.wait(
+            f"step {step} in status.progress",
+            lambda s: s.get("phase") == "Running" and s.get("progress", {}).get("step", 0) >= step,
+        )
 
     def pods(self) -> list[dict[str, Any]]:
         out = self.kubectl("get", "pods", "-l", f"chatflow.io/run={RUN}", "-o", "json").stdout
@@ -111,10 +128,10 @@ def apply_tiny(node: Node, namespace: str, change: Any = None) -> Run:
     return Run(node, namespace, volume)
 
 
-def assert_trained_exactly(run: Run) -> None:
+def assert_trained_exactly(run: Run, steps: int = SHORT_STEPS) -> None:
     """Done, every step on its own global batch, and the final model loadable."""
-    assert samples(run.output) == global_batches(STEPS, GLOBAL_BATCH)
-    assert sorted(losses(run.output)) == list(range(1, STEPS + 1))
+    assert samples(run.output) == global_batches(steps, GLOBAL_BATCH)
+    assert sorted(losses(run.output)) == list(range(1, steps + 1))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(run.output / "model")
@@ -223,7 +240,7 @@ def test_tiny_example_trains_on_the_node(
     status = run.wait_phase("Succeeded")
     assert status["progress"]["fraction"] == 1.0
     assert status["progress"]["step"] == STEPS
-    assert_trained_exactly(run)
+    assert_trained_exactly(run, STEPS)
     job = run.get("pytorchjob", status["jobName"])
     assert job["status"]["conditions"][-1]["type"] == "Succeeded"
 
@@ -232,22 +249,22 @@ def test_tiny_example_trains_on_the_node(
 def test_a_deleted_pod_restarts_the_job_from_its_checkpoint(
     node: Node, release: str, namespace: str, role: str
 ) -> None:
-    run = apply_tiny(node, namespace)
-    # After the first checkpoint (every 20 steps) and before the end.
-    run.wait_step(24)
+    run = apply_tiny(node, namespace, shorter)
+    # After the first checkpoint and before the end.
+    run.wait_step(SHORT_CHECKPOINTS + 3)
     job = run.status()["jobName"]
     run.kubectl("delete", "pod", f"{job}-{role}-0", "--wait=false")
     run.wait_phase("Succeeded")
     history = (run.output / "history.jsonl").read_text().splitlines()
     # Every start of the trainer records its precision at the step it starts from.
     starts = [r["step"] for r in map(json.loads, history) if r["event"] == "precision"]
-    assert starts[0] == 0 and starts[-1] >= 20, starts
+    assert starts[0] == 0 and starts[-1] >= SHORT_CHECKPOINTS, starts
     assert_trained_exactly(run)
 
 
 def test_suspend_then_resume_continues_exactly(node: Node, release: str, namespace: str) -> None:
-    run = apply_tiny(node, namespace)
-    run.wait_step(12)
+    run = apply_tiny(node, namespace, shorter)
+    run.wait_step(SHORT_CHECKPOINTS // 2)
     run.patch({"suspend": True})
     run.wait_phase("Suspended", timeout=180)
     wait_for(lambda: not run.pods(), "the pods to go", 180)
@@ -259,14 +276,15 @@ def test_suspend_then_resume_continues_exactly(node: Node, release: str, namespa
 
 
 def test_more_nodes_replace_the_job_and_resume(node: Node, release: str, namespace: str) -> None:
-    run = apply_tiny(node, namespace)
-    status = run.wait_step(24)
+    run = apply_tiny(node, namespace, shorter)
+    status = run.wait_step(SHORT_CHECKPOINTS + 3)
     first_job = status["jobName"]
     run.patch({"nodes": 3})
     status = run.wait_phase("Succeeded")
     assert status["jobName"] != first_job
     assert status["restarts"] >= 1
-    assert {p["metadata"]["name"] for p in run.pods()} >= {f"{status['jobName']}-worker-1"}
+    job = run.get("pytorchjob", status["jobName"])
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
     assert_trained_exactly(run)
 
 

@@ -165,12 +165,16 @@ class Reconciler:
             if policy:
                 current = self.kube.patch(JOBS, namespace, want, policy)
 
-        progress = None
-        if scrape and status.job_phase(current) == "Running":
+        progress, trainer_error = None, None
+        phase = status.job_phase(current)
+        if scrape and phase == "Running":
             progress = self._scrape(run, want)
+        if phase == "Failed":
+            trainer_error = status.trainer_error(self.kube.list(PODS, namespace, _master(want)))
         return status.run_status(
-            run, want, current, restarts=restarts, progress=progress, now=now()
-        )
+            run, want, current, restarts=restarts, progress=progress,
+            trainer_error=trainer_error, now=now(),
+        )  # fmt: skip
 
     def _ensure(self, run: dict[str, Any], child: dict[str, Any], kind: Any) -> dict[str, Any]:
         """Create `child`, or adopt the one of that name that is already there."""
@@ -219,11 +223,7 @@ class Reconciler:
         """Read rank 0's metrics from the job's master pod; None if they cannot be had now."""
         typed = ChatFlowRun.model_validate(run)
         port = typed.spec.training.metrics_port
-        pods = self.kube.list(
-            PODS,
-            run["metadata"]["namespace"],
-            f"training.kubeflow.org/job-name={job},training.kubeflow.org/job-role=master",
-        )
+        pods = self.kube.list(PODS, run["metadata"]["namespace"], _master(job))
         ip = next(
             (p.get("status", {}).get("podIP") for p in pods if p.get("status", {}).get("podIP")),
             None,
@@ -239,3 +239,8 @@ class Reconciler:
             log.debug("cannot read the trainer's metrics at %s:%s: %s", ip, port, e)
             return None
         return status.progress_from_metrics(text, typed.spec.training.total_samples, now())
+
+
+def _master(job: str) -> str:
+    """The label selector of the job's rank-0 pod (the training operator's labels)."""
+    return f"training.kubeflow.org/job-name={job},training.kubeflow.org/job-role=master"

@@ -16,10 +16,12 @@ by the next start. One node per host at a time: a second waits for the first.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -30,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from chatflow.spec import DEFAULT_IMAGE
 from controlplane import CommandError, ControlPlane, binaries
 
 HERE = Path(__file__).resolve().parent
@@ -153,6 +156,7 @@ class HostChanges:
         if not self.record:
             return
         steps: list[Callable[[], object]] = [
+            _kill_leftovers,
             lambda: _run("ip", "link", "delete", NODE_LINK, check=False),
             lambda: _run("ip", "link", "delete", BRIDGE, check=False),
             self._unmount,
@@ -206,6 +210,10 @@ class HostChanges:
     def _remove_dirs(self) -> None:
         for d in self.record["created"]:
             shutil.rmtree(d, ignore_errors=True)
+        # The node's runtime state (containerd's, CNI address leases); the lock stays.
+        for state in RUN_DIR.iterdir():
+            if state.is_dir():
+                shutil.rmtree(state, ignore_errors=True)
 
 
 class Node:
@@ -459,7 +467,7 @@ state = "{RUN_DIR / "containerd"}"
             f"--metrics-bind-address=127.0.0.1:{_free_port()}",
             f"--health-probe-bind-address=127.0.0.1:{probes}",
             f"--webhook-server-port={_free_port()}",
-            f"--pytorch-init-container-image={self.images['trainer']}",
+            f"--pytorch-init-container-image={DEFAULT_IMAGE}",
             f"--pytorch-init-container-template-file={self.workdir / 'pytorch-init.yaml'}",
         )  # fmt: skip
         self._wait("the training operator", lambda: _http_ok(f"http://127.0.0.1:{probes}/readyz"))
@@ -642,6 +650,29 @@ state = "{RUN_DIR / "containerd"}"
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what}: not after {START_TIMEOUT}s\n" + self.logs())
             time.sleep(0.2)
+
+
+def _kill_leftovers() -> None:
+    """Containers and shims the node started that outlived its containerd (it was killed before
+    it could stop them): the processes in the kubelet's cgroups, and the shims serving our
+    containerd socket."""
+    pids = set()
+    for procs in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_ROOT}/**/cgroup.procs"):
+        pids.update(int(pid) for pid in procs.read_text().split())
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(RUN_DIR).encode() in cmdline.read_bytes() and b"containerd-shim" in (
+                cmdline.read_bytes()
+            ):
+                pids.add(int(cmdline.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _sysctl(key: str) -> str:

@@ -118,8 +118,8 @@ if [ "${1:-}" = --import ]; then
         rm -f "$archive"
         [ $name = pause ] || "${CTR[@]}" images tag --force "$image" "ghcr.io/chatflow/$name:$VERSION" >/dev/null
         # The image it replaces, and (--sync) the content and snapshots only that one used.
-        "${CTR[@]}" images ls -q "name~=^localhost/chatflow-test/$name:" | grep -vxF "$image" |
-            xargs -r "${CTR[@]}" images rm --sync >/dev/null
+        "${CTR[@]}" images ls -q "name~=^localhost/chatflow-test/$name:" |
+            { grep -vxF "$image" || true; } | xargs -r "${CTR[@]}" images rm --sync >/dev/null
     done
 fi
 for name in pause trainer operator; do echo "$name ${IMAGES[$name]}"; done

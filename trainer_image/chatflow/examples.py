@@ -165,6 +165,11 @@ def build_tiny_example(dest: Path) -> Path:
     build.chmod(0o755)  # mkdtemp's is private; the assets are not
     try:
         _build(build)
+        # safetensors writes its files private (0600); the assets are for every user: the trainer
+        # image builds them as root and runs its trainer as another user.
+        for path in build.rglob("*"):
+            if path.is_file():
+                path.chmod(path.stat().st_mode | 0o444)
         (build / _COMPLETE).write_text(f"{_builder_version()}\n", encoding="utf-8")
         _install(build, dest)
     finally:
