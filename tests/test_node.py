@@ -32,15 +32,12 @@ pytestmark = pytest.mark.node
 RUN = "tiny"  # manifests/examples' run
 TRAIN_TIMEOUT = 900  # seconds for a whole tiny run on two CPU pods
 STEPS, GLOBAL_BATCH = 60, 16  # manifests/examples/tiny.yaml
-# The interrupted runs are shorter: 30 steps, a checkpoint every 10.
-SHORT_STEPS, SHORT_CHECKPOINTS = 30, 10
+# The interrupted runs checkpoint every 10 steps, and are interrupted after the first.
+EARLY_CHECKPOINT = 10
 
 
-def shorter(docs: dict[str, Any]) -> None:
-    training = docs["ChatFlowRun"]["spec"]["training"]
-    training["maxSteps"] = SHORT_STEPS
-    training["checkpoint"]["everySteps"] = SHORT_CHECKPOINTS
-    training["eval"]["everySteps"] = SHORT_CHECKPOINTS
+def checkpoint_early(docs: dict[str, Any]) -> None:
+    docs["ChatFlowRun"]["spec"]["training"]["checkpoint"]["everySteps"] = EARLY_CHECKPOINT
 
 
 @pytest.fixture
@@ -99,6 +96,12 @@ class Run:
             lambda s: s.get("phase") == "Running" and s.get("progress", {}).get("step", 0) >= step,
         )
 
+    def wait_checkpoint(self, step: int) -> None:
+        """Until the checkpoint of `step` is complete on the volume (its trainer state is
+        written last), while the run goes on."""
+        state = self.output / "checkpoints" / f"step-{step:08d}" / "trainer.json"
+        self.wait(f"the checkpoint of step {step}", lambda _: state.exists())
+
     def pods(self) -> list[dict[str, Any]]:
         out = self.kubectl("get", "pods", "-l", f"chatflow.io/run={RUN}", "-o", "json").stdout
         return json.loads(out)["items"]
@@ -128,7 +131,7 @@ def apply_tiny(node: Node, namespace: str, change: Any = None) -> Run:
     return Run(node, namespace, volume)
 
 
-def assert_trained_exactly(run: Run, steps: int = SHORT_STEPS) -> None:
+def assert_trained_exactly(run: Run, steps: int = STEPS) -> None:
     """Done, every step on its own global batch, and the final model loadable."""
     assert samples(run.output) == global_batches(steps, GLOBAL_BATCH)
     assert sorted(losses(run.output)) == list(range(1, steps + 1))
@@ -240,7 +243,7 @@ def test_tiny_example_trains_on_the_node(
     status = run.wait_phase("Succeeded")
     assert status["progress"]["fraction"] == 1.0
     assert status["progress"]["step"] == STEPS
-    assert_trained_exactly(run, STEPS)
+    assert_trained_exactly(run)
     job = run.get("pytorchjob", status["jobName"])
     assert job["status"]["conditions"][-1]["type"] == "Succeeded"
 
@@ -249,22 +252,21 @@ def test_tiny_example_trains_on_the_node(
 def test_a_deleted_pod_restarts_the_job_from_its_checkpoint(
     node: Node, release: str, namespace: str, role: str
 ) -> None:
-    run = apply_tiny(node, namespace, shorter)
-    # After the first checkpoint and before the end.
-    run.wait_step(SHORT_CHECKPOINTS + 3)
+    run = apply_tiny(node, namespace, checkpoint_early)
+    run.wait_checkpoint(EARLY_CHECKPOINT)
     job = run.status()["jobName"]
     run.kubectl("delete", "pod", f"{job}-{role}-0", "--wait=false")
     run.wait_phase("Succeeded")
     history = (run.output / "history.jsonl").read_text().splitlines()
     # Every start of the trainer records its precision at the step it starts from.
     starts = [r["step"] for r in map(json.loads, history) if r["event"] == "precision"]
-    assert starts[0] == 0 and starts[-1] >= SHORT_CHECKPOINTS, starts
+    assert starts[0] == 0 and starts[-1] >= EARLY_CHECKPOINT, starts
     assert_trained_exactly(run)
 
 
 def test_suspend_then_resume_continues_exactly(node: Node, release: str, namespace: str) -> None:
-    run = apply_tiny(node, namespace, shorter)
-    run.wait_step(SHORT_CHECKPOINTS // 2)
+    run = apply_tiny(node, namespace, checkpoint_early)
+    run.wait_checkpoint(EARLY_CHECKPOINT)
     run.patch({"suspend": True})
     run.wait_phase("Suspended", timeout=180)
     wait_for(lambda: not run.pods(), "the pods to go", 180)
@@ -276,9 +278,9 @@ def test_suspend_then_resume_continues_exactly(node: Node, release: str, namespa
 
 
 def test_more_nodes_replace_the_job_and_resume(node: Node, release: str, namespace: str) -> None:
-    run = apply_tiny(node, namespace, shorter)
-    status = run.wait_step(SHORT_CHECKPOINTS + 3)
-    first_job = status["jobName"]
+    run = apply_tiny(node, namespace, checkpoint_early)
+    run.wait_checkpoint(EARLY_CHECKPOINT)
+    first_job = run.status()["jobName"]
     run.patch({"nodes": 3})
     status = run.wait_phase("Succeeded")
     assert status["jobName"] != first_job

@@ -132,3 +132,21 @@ def test_a_failed_run_says_what_its_trainer_said_and_keeps_it() -> None:
     # The pods are gone on a later pass: the message stays.
     later = status.run_status(stored_run(**first), "j", failed, now=NOW)
     assert later["conditions"] == first["conditions"]
+
+
+def test_a_finished_run_takes_its_final_step_from_the_trainers_last_word() -> None:
+    """The last scrape of the metrics came before the last steps; the trainer's termination
+    message on success has them."""
+    last_scrape = status.MixtureProgress(
+        fraction=0.98, schedule_fraction=1.0, step=59, samples=944, tokens=120_832, updated_at=NOW
+    )
+    final = '{"step": 60, "samples": 960, "tokens": 122880}'
+    master = {"status": {"containerStatuses": [
+        {"state": {"terminated": {"exitCode": 0, "message": final}}}
+    ]}}  # fmt: skip
+    done = status.final_progress([master], last_scrape, 960, NOW)
+    assert (done.fraction, done.step, done.samples, done.tokens) == (1.0, 60, 960, 122_880)
+    assert done.schedule_fraction == 1.0
+    # An older trainer's message, or none: the last scrape stands.
+    older = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}}
+    assert status.final_progress([older], last_scrape, 960, NOW) == last_scrape

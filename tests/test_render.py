@@ -85,7 +85,13 @@ def test_job_is_master_plus_workers_with_one_process_per_gpu() -> None:
     assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 65532
     (container,) = pod["containers"]
     assert container["name"] == "pytorch" and container["image"] == "registry.example/trainer:1"
-    assert container["command"] == ["torchrun", "-m", "chatflow.train"]
+    assert container["command"] == [
+        "python",
+        "-m",
+        "chatflow.train.torchrun",
+        "-m",
+        "chatflow.train",
+    ]
     assert container["args"] == [
         "--file", "/etc/chatflow/run.yaml",
         "--output", "/mnt/llm/runs/test",

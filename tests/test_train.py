@@ -322,7 +322,8 @@ def test_bad_input_fails_in_one_line_and_keeps_checkpoints(
 
 
 def test_runs_from_the_environment_a_pytorchjob_pod_gets(manifests, tmp_path, cache_dir) -> None:
-    """What a Kubeflow PyTorchJob's container does: bare torchrun, configured by PET_* variables.
+    """What a Kubeflow PyTorchJob's container does (the operator's command): torchrun, configured
+    by PET_* variables.
 
     RANK is the operator's node rank there; torchrun replaces it with each process's global rank.
     """
@@ -337,7 +338,7 @@ def test_runs_from_the_environment_a_pytorchjob_pod_gets(manifests, tmp_path, ca
         "MASTER_ADDR": "127.0.0.1",
     }
     manifest = manifests("pod", maxSteps=4)
-    command = [sys.executable, "-m", "torch.distributed.run", "-m", "chatflow.train"]
+    command = [sys.executable, "-m", "chatflow.train.torchrun", "-m", "chatflow.train"]
     command += ["--file", str(manifest), "--output", str(tmp_path / "out")]
     command += ["--cache-dir", str(cache_dir), "--log-samples"]
     result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
@@ -345,3 +346,21 @@ def test_runs_from_the_environment_a_pytorchjob_pod_gets(manifests, tmp_path, ca
     assert sorted((tmp_path / "out" / "samples").glob("rank-*.jsonl"))[-1].name == "rank-1.jsonl"
     assert samples(tmp_path / "out")[4] == list(range(24, 32))
     assert (tmp_path / "out" / "model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_pod_torchrun_exits_retryable_when_a_worker_stopped_to_resume(
+    tmp_path: Path, stopped: bool
+) -> None:
+    """torchrun exits 1 whether a worker failed or stopped to be resumed; the pods' wrapper tells
+    the two apart for the PyTorchJob's ExitCode policy."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import sys\n"
+        "from chatflow.train.torchrun import PREEMPTED, mark_preempted\n"
+        f"if {stopped}:\n    mark_preempted()\n    sys.exit(PREEMPTED)\n"
+        "sys.exit(3)\n"
+    )
+    command = [sys.executable, "-m", "chatflow.train.torchrun", "--standalone"]
+    result = subprocess.run([*command, "--nproc-per-node=1", str(worker)], env=_env(), check=False)
+    assert result.returncode == (128 + signal.SIGTERM if stopped else 1)

@@ -171,6 +171,14 @@ class Reconciler:
             progress = self._scrape(run, want)
         if phase == "Failed":
             trainer_error = status.trainer_error(self.kube.list(PODS, namespace, _master(want)))
+        elif phase == "Succeeded" and old.get("phase") != "Succeeded":
+            old_progress = old.get("progress")
+            progress = status.final_progress(
+                self.kube.list(PODS, namespace, _master(want)),
+                MixtureProgress.model_validate(old_progress) if old_progress else None,
+                ChatFlowRun.model_validate(run).spec.training.total_samples,
+                now(),
+            )
         return status.run_status(
             run, want, current, restarts=restarts, progress=progress,
             trainer_error=trainer_error, now=now(),

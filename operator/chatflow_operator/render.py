@@ -155,8 +155,9 @@ def _container(run: ChatFlowRun) -> dict[str, Any]:
         "name": CONTAINER,
         "image": spec.image,
         # torchrun takes nodes, rank, processes and the rendezvous from the PET_* variables the
-        # training operator injects.
-        "command": ["torchrun", "-m", "chatflow.train"],
+        # training operator injects; chatflow.train.torchrun gives its exit status the meaning
+        # the ExitCode restart policy needs (a preempted trainer restarts).
+        "command": ["python", "-m", "chatflow.train.torchrun", "-m", "chatflow.train"],
         "args": ["--file", f"{CONFIG_DIR}/{CONFIG_FILE}", "--output", output, "--cache-dir", cache],
         "env": env,
         "ports": ports,

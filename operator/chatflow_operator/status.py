@@ -8,6 +8,7 @@ dashboards, and `chatflow train` stays the same program on a laptop and in a pod
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -125,6 +126,30 @@ def trainer_error(pods: list[dict[str, Any]]) -> str | None:
                 if terminated.get("exitCode") and terminated.get("message"):
                     return terminated["message"].strip()
     return None
+
+
+def final_progress(
+    pods: list[dict[str, Any]], progress: MixtureProgress | None, total_samples: int, now: str
+) -> MixtureProgress | None:
+    """`progress` completed by what the trainer wrote on success as its termination message
+    (step, samples, tokens): the last scrape of its metrics came before its last steps."""
+    for pod in pods:
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") == 0 and terminated.get("message"):
+                try:
+                    final = json.loads(terminated["message"])
+                    samples = int(final["samples"])
+                    update = {"step": int(final["step"]), "samples": samples,
+                              "tokens": int(final["tokens"])}  # fmt: skip
+                except (ValueError, KeyError, TypeError):
+                    continue  # an image of another version
+                update["fraction"] = min(1.0, samples / total_samples)
+                update["updated_at"] = now
+                if progress is None:
+                    return MixtureProgress(schedule_fraction=1.0, **update)
+                return progress.model_copy(update=update)
+    return progress
 
 
 def transition(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, str] | None:

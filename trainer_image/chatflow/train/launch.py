@@ -9,13 +9,11 @@ Preparing the data here also means the workers find it cached.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from chatflow.data.pipeline import load_model_config, load_tokenizer, prepare_sources
 from chatflow.spec import ChatFlowRun, SpecError, TrainingSpec
+from chatflow.train import torchrun
 from chatflow.train.checkpoint import Checkpoints
 from chatflow.train.deepspeed_config import deepspeed_config, deepspeed_problem
 
@@ -30,19 +28,15 @@ def launch(
 ) -> int:
     """Run the trainer under torchrun on this machine; return its exit status."""
     preflight(run, manifest.parent, output, cache_dir, processes)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={processes}", "-m", "chatflow.train"]
+    command = ["--standalone", f"--nproc-per-node={processes}", "-m", "chatflow.train"]
     command += ["--file", str(manifest), "--output", str(output), "--cache-dir", str(cache_dir)]
     if log_samples:
         command.append("--log-samples")
     env = dict(os.environ)
     # Each process gets its share of the cores (torchrun would otherwise pin every one to 1).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    torchrun = subprocess.Popen(command, env=env)
-    # Pass a stop request on: torchrun hands it to the workers, which checkpoint and exit.
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, lambda signum, frame: torchrun.send_signal(signum))
-    return torchrun.wait()
+    # A stop request is passed on: torchrun hands it to the workers, which checkpoint and exit.
+    return torchrun.run(command, env)
 
 
 def preflight(

@@ -55,10 +55,10 @@ from chatflow.train.lr import lr_at
 from chatflow.train.metrics import TrainerMetrics, flops_per_token, peak_flops_from_env
 from chatflow.train.precision import for_job
 from chatflow.train.progress import Progress
+from chatflow.train.torchrun import PREEMPTED, mark_preempted
 
 # Where Kubernetes reads a container's termination message (its terminationMessagePath default).
 TERMINATION_LOG = Path("/dev/termination-log")
-PREEMPTED = 128 + signal.SIGTERM  # a retryable exit code for the PyTorchJob's restart policy
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _termination_message(message: str) -> None:
     """In a pod, the container's termination message: its pod's status shows it, and the
-    operator puts it in the run's Failed condition."""
+    operator reads it (a failed run's condition says the error; a finished run's progress is its
+    final step)."""
     if TERMINATION_LOG.exists():
         with contextlib.suppress(OSError):
             TERMINATION_LOG.write_text(message)
@@ -267,12 +268,16 @@ def train(
         if stop:
             if place.is_main:
                 progress.message("preempted: checkpoint saved, exiting", step=step)
+            mark_preempted()
             return PREEMPTED
 
     _save_model(engine, tokenizer, output / "model", place, training.zero_stage)
     if place.is_main:
         progress.message("finished", step=step, model=str(output / "model"))
         progress.close()
+        # In a pod, the run's last progress: the metrics endpoint is gone once the job succeeds.
+        final = {"step": step, "samples": position.next_sample, "tokens": int(tokens_seen.sum())}
+        _termination_message(json.dumps(final))
     return 0
 
 
