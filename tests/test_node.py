@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import subprocess
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -142,18 +143,20 @@ def assert_trained_exactly(run: Run, steps: int = STEPS) -> None:
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
 
 
-def podmonitor_scrape_config(podmonitor: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
+def podmonitor_scrape_config(podmonitor: dict[str, Any], targets: Path) -> dict[str, Any]:
     """The scrape job the Prometheus Operator generates from a PodMonitor (no such operator runs
-    here): pods found through the Kubernetes API, kept by the monitor's label selector and port
-    name, labelled namespace/pod/container, then the endpoint's own relabelings."""
+    here): pods kept by the monitor's label selector and port name, labelled
+    namespace/pod/container, then the endpoint's own relabelings. Debian's Prometheus is built
+    without Kubernetes discovery, so `discover_pods` writes the same targets and __meta labels
+    to `targets` (file discovery) that `kubernetes_sd_configs` with role pod would find."""
     spec = podmonitor["spec"]
     (endpoint,) = spec["podMetricsEndpoints"]
     keep = [
         {
             "action": "keep",
             "source_labels": [
-                "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key),
-                "__meta_kubernetes_pod_labelpresent_" + re.sub(r"[^a-zA-Z0-9_]", "_", key),
+                f"__meta_kubernetes_pod_label_{_label_name(key)}",
+                f"__meta_kubernetes_pod_labelpresent_{_label_name(key)}",
             ],
             "regex": f"({re.escape(value)});true",
         }
@@ -182,19 +185,54 @@ def podmonitor_scrape_config(podmonitor: dict[str, Any], kubeconfig: Path) -> di
     return {
         "job_name": f"podMonitor/{podmonitor['metadata']['name']}",
         "scrape_interval": "2s",
-        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig)}],
+        "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "2s"}],
         "relabel_configs": keep + meta + relabel,
     }
+
+
+def _label_name(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def discover_pods(node: Node, targets: Path) -> None:
+    """One target per container port of every pod with an IP, with the __meta labels of
+    Prometheus' Kubernetes pod discovery; written atomically."""
+    found = []
+    for pod in json.loads(node.kubectl("get", "pods", "-A", "-o", "json").stdout)["items"]:
+        ip = pod["status"].get("podIP")
+        if not ip:
+            continue
+        labels = {
+            "__meta_kubernetes_namespace": pod["metadata"]["namespace"],
+            "__meta_kubernetes_pod_name": pod["metadata"]["name"],
+        }
+        for key, value in pod["metadata"].get("labels", {}).items():
+            labels[f"__meta_kubernetes_pod_label_{_label_name(key)}"] = value
+            labels[f"__meta_kubernetes_pod_labelpresent_{_label_name(key)}"] = "true"
+        for container in pod["spec"]["containers"]:
+            for port in container.get("ports", []):
+                found.append({
+                    "targets": [f"{ip}:{port['containerPort']}"],
+                    "labels": labels | {
+                        "__meta_kubernetes_pod_container_name": container["name"],
+                        "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                    },
+                })  # fmt: skip
+    tmp = targets.with_suffix(".tmp")
+    tmp.write_text(json.dumps(found))
+    tmp.replace(targets)
 
 
 @pytest.fixture
 def prometheus(node: Node, tmp_path: Path) -> Iterator[str]:
     """A real Prometheus on the host (it reaches pod IPs over the bridge) scraping what
-    manifests/monitoring's PodMonitor selects; its query API's URL."""
+    manifests/monitoring's PodMonitor selects; its URL."""
     tools = subprocess.run(["bash", str(REPO / "tests/tools/prometheus.sh")], check=True,
                            capture_output=True, text=True).stdout.splitlines()[-1]  # fmt: skip
     podmonitor = yaml.safe_load((REPO / "manifests/monitoring/podmonitor.yaml").read_text())
-    config = {"scrape_configs": [podmonitor_scrape_config(podmonitor, node.cp.kubeconfig)]}
+    targets = tmp_path / "pods.json"
+    discover_pods(node, targets)
+    config = {"scrape_configs": [podmonitor_scrape_config(podmonitor, targets)]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     web = f"127.0.0.1:{free_port()}"
     with (tmp_path / "prometheus.log").open("w") as log:
@@ -203,11 +241,33 @@ def prometheus(node: Node, tmp_path: Path) -> Iterator[str]:
              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={web}"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+    stop = threading.Event()
+
+    def keep_discovering() -> None:
+        while not stop.wait(1):
+            discover_pods(node, targets)
+
+    discovery = threading.Thread(target=keep_discovering, daemon=True)
+    discovery.start()
     try:
+        wait_for(lambda: _ready(f"http://{web}", process, tmp_path / "prometheus.log"),
+                 "Prometheus to be ready")  # fmt: skip
         yield f"http://{web}"
     finally:
+        stop.set()
+        discovery.join()
         process.terminate()
         process.wait(30)
+
+
+def _ready(url: str, process: subprocess.Popen[bytes], log: Path) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"Prometheus exited:\n{log.read_text()[-2000:]}")
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def query(prometheus: str, expr: str) -> list[dict[str, Any]]:
