@@ -341,12 +341,16 @@ def test_more_nodes_replace_the_job_and_resume(node: Node, release: str, namespa
     run = apply_tiny(node, namespace, checkpoint_early)
     run.wait_checkpoint(EARLY_CHECKPOINT)
     first_job = run.status()["jobName"]
-    run.patch({"nodes": 3})
+    # 4 nodes x 1 process x microBatchSize 4 = the global batch of 16 (3 nodes would not divide
+    # it: the trainer refuses that, naming spec.training.globalBatchSize); smaller requests, so
+    # that four pods fit this 2-core node.
+    resources = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "6Gi"}}
+    run.patch({"nodes": 4, "resources": resources})
     status = run.wait_phase("Succeeded")
     assert status["jobName"] != first_job
     assert status["restarts"] >= 1
     job = run.get("pytorchjob", status["jobName"])
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 3
     assert_trained_exactly(run)
 
 
