@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from chatflow.spec import DEFAULT_IMAGE
+from cluster import free_port
 from controlplane import CommandError, ControlPlane, binaries
 
 HERE = Path(__file__).resolve().parent
@@ -352,7 +353,7 @@ state = "{RUN_DIR / "containerd"}"
         )
 
     def _start_coredns(self, kubeconfig: str) -> None:
-        ready = _free_port()
+        ready = free_port()
         corefile = f"""
 .:53 {{
     bind {NODE_IP}
@@ -373,7 +374,7 @@ state = "{RUN_DIR / "containerd"}"
         kubeconfig = self.cp.kubeconfig_for_user(
             f"system:node:{NODE_NAME}", ("system:nodes",), self.workdir / "kubelet.kubeconfig"
         )
-        healthz = _free_port()
+        healthz = free_port()
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -432,8 +433,8 @@ state = "{RUN_DIR / "containerd"}"
             "--conntrack-max-per-core=0",
             "--conntrack-tcp-timeout-established=0",
             "--conntrack-tcp-timeout-close-wait=0",
-            f"--metrics-bind-address=127.0.0.1:{_free_port()}",
-            f"--healthz-bind-address=127.0.0.1:{_free_port()}",
+            f"--metrics-bind-address=127.0.0.1:{free_port()}",
+            f"--healthz-bind-address=127.0.0.1:{free_port()}",
         )  # fmt: skip
 
     def _start_training_operator(self, kubeconfig: str) -> None:
@@ -459,14 +460,14 @@ state = "{RUN_DIR / "containerd"}"
                           "limits": {"cpu": "100m", "memory": "64Mi"}},
         }]  # fmt: skip
         (self.workdir / "pytorch-init.yaml").write_text(yaml.safe_dump(init))
-        probes = _free_port()
+        probes = free_port()
         self._spawn(
             "training-operator", _tool("training-operator.sh"),
             f"--kubeconfig={kubeconfig}",
             "--enable-scheme=pytorchjob",
-            f"--metrics-bind-address=127.0.0.1:{_free_port()}",
+            f"--metrics-bind-address=127.0.0.1:{free_port()}",
             f"--health-probe-bind-address=127.0.0.1:{probes}",
-            f"--webhook-server-port={_free_port()}",
+            f"--webhook-server-port={free_port()}",
             f"--pytorch-init-container-image={DEFAULT_IMAGE}",
             f"--pytorch-init-container-template-file={self.workdir / 'pytorch-init.yaml'}",
         )  # fmt: skip
@@ -691,14 +692,6 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http_ok(url: str) -> bool:
