@@ -12,10 +12,11 @@ Mixture following the example's linear schedule, its growth stretched over the N
   warm  the chatflow cache of the cold run
 Baseline: the classic recipe. `load_dataset("json")` per source; records rendered to text as ours
 renders them (pretrain text, parallel pairs both ways through the same template, instructions
-through the same chat template, BOS/EOS as ours); `to_iterable_dataset()`; `interleave_datasets`
-with static probabilities, seed 0, all_exhausted; then one batched `.map` that tokenizes and
-applies `group_texts` (concatenate, cut into seqLength blocks, labels = input_ids); N blocks. It is
-lazy, so it renders and tokenizes only the records it draws, and it computes no loss masks.
+through the same chat template, BOS/EOS as ours) and tokenized by a batched `.map` per source over
+`to_iterable_dataset()`; `interleave_datasets` with static probabilities, seed 0, all_exhausted;
+then a batched `.map` that applies `group_texts` (concatenate, cut into seqLength blocks, labels =
+input_ids); N blocks. It is lazy, so it renders and tokenizes only the records it draws, and it
+computes no loss masks.
   cold  empty Hugging Face datasets cache (the Arrow conversion is timed)
   warm  the datasets cache of its cold run
 Its probabilities: the schedule's start weights (a static mixture as configured at step 0) and, as
@@ -56,7 +57,7 @@ from chatflow.schedule import Schedule
 from chatflow.spec import ChatFlowRunSpec, SourceSpec, parse_run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "tiny.yaml"
-TEXT = datasets.Features({"text": datasets.Value("string")})
+IDS = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
 OURS = "ours, dynamic schedule"
 CHECKED = 200  # records per source whose tokens are compared
 
@@ -106,7 +107,8 @@ def datasets_cache(directory: Path) -> Iterator[None]:
 def ours(spec: ChatFlowRunSpec, tokenizer: Any, cache: Path, blocks: int | None) -> Result:
     """Prepare every source, then follow the schedule for `blocks` samples (None: one pass)."""
     timer = Timer()
-    packed = prepare_sources(spec, EXAMPLE.parent, cache, tokenizer)
+    # One process, as the baseline (benchmarks/prepare.py measures the worker processes).
+    packed = prepare_sources(spec, EXAMPLE.parent, cache, tokenizer, workers=1)
     blocks = blocks or sum(p.num_blocks for p in packed)
     schedule = dataclasses.replace(Schedule.from_spec(spec), knots=np.array([0.0, blocks]))
     mixture = Mixture(MixtureSampler(schedule, spec.training.seed), packed)
@@ -115,9 +117,16 @@ def ours(spec: ChatFlowRunSpec, tokenizer: Any, cache: Path, blocks: int | None)
     return timer.result(blocks, tokens)
 
 
-def text_renderer(source: SourceSpec, tokenizer: Any) -> Callable[[Batch], Batch]:
-    """Records -> {"text": [...]}: the text ours tokenizes, BOS/EOS included."""
+def baseline_tokens(source: SourceSpec, tokenizer: Any) -> Callable[[Batch], Batch]:
+    """Records -> {"input_ids": [...]}: rendered to text as ours renders them, then tokenized.
+
+    BOS and EOS are added as ids, not as text: a tokenizer that puts no space after special tokens
+    (the example's) reads "<s>text" differently from "text".
+    """
     renderer = Renderer(source, tokenizer)
+
+    def tokens(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
     def render(batch: Batch) -> Batch:
         if source.kind == "instruction":
@@ -127,20 +136,15 @@ def text_renderer(source: SourceSpec, tokenizer: Any) -> Callable[[Batch], Batch
             texts = tokenizer.apply_chat_template(
                 conversations, chat_template=renderer.chat_template, tokenize=False
             )
-            return {"text": texts}
+            return {"input_ids": tokens(texts)}
         if source.kind == "pretrain":
             texts = batch[source.text_field]
         else:
             texts = renderer._parallel_texts(batch)
-        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-        return {"text": [f"{bos}{t}{eos}" for t in texts if t and t.strip()]}
+        texts = [t for t in texts if t and t.strip()]
+        return {"input_ids": [renderer.prefix + ids + renderer.suffix for ids in tokens(texts)]}
 
     return render
-
-
-def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """The baseline's tokenization of rendered texts."""
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
 def check_same_tokens(spec: ChatFlowRunSpec, tokenizer: Any) -> None:
@@ -148,8 +152,8 @@ def check_same_tokens(spec: ChatFlowRunSpec, tokenizer: Any) -> None:
     for source in spec.data.sources:
         files = [str(f) for f in local_files(source, EXAMPLE.parent) or []]
         records = datasets.load_dataset("json", data_files=files, split="train")[:CHECKED]
-        texts = text_renderer(source, tokenizer)(records)["text"]
-        if token_ids(tokenizer, texts) != [ids for ids, _ in Renderer(source, tokenizer)(records)]:
+        theirs = baseline_tokens(source, tokenizer)(records)["input_ids"]
+        if theirs != [ids for ids, _ in Renderer(source, tokenizer)(records)]:
             raise AssertionError(f"{source.name}: the baseline tokenizes differently")
 
 
@@ -164,27 +168,23 @@ def baseline(spec: ChatFlowRunSpec, tokenizer: Any, weights: np.ndarray, blocks:
         return {"input_ids": cut, "labels": [block.copy() for block in cut]}
 
     timer = Timer()
-    texts = []
+    documents = []
     for source in spec.data.sources:
         files = [str(f) for f in local_files(source, EXAMPLE.parent) or []]
         records = datasets.load_dataset("json", data_files=files, split="train")
-        texts.append(
+        documents.append(
             records.to_iterable_dataset().map(
-                text_renderer(source, tokenizer),
+                baseline_tokens(source, tokenizer),
                 batched=True,
                 remove_columns=records.column_names,
-                features=TEXT,
+                features=IDS,
             )
         )
     mixed = datasets.interleave_datasets(
-        texts, probabilities=weights.tolist(), seed=0, stopping_strategy="all_exhausted"
+        documents, probabilities=weights.tolist(), seed=0, stopping_strategy="all_exhausted"
     )
-    # One map, not two: every batched map over an IterableDataset joins its examples' keys into one
-    # string per batch, and a second map joins those long keys again; fused is the faster form.
     packed = mixed.map(
-        lambda batch: group_texts(token_ids(tokenizer, batch["text"])),
-        batched=True,
-        remove_columns=["text"],
+        lambda batch: group_texts(batch["input_ids"]), batched=True, remove_columns=["input_ids"]
     )
     tokens = sum(len(row["input_ids"]) for row in islice(packed, blocks))
     return timer.result(blocks, tokens)
@@ -197,7 +197,7 @@ def one_round(spec: ChatFlowRunSpec, work: Path, into: Measurements) -> None:
     """Every pipeline, cold then warm, with fresh caches under `work`."""
 
     def tokenizer() -> Any:
-        return load_tokenizer(spec, EXAMPLE.parent)
+        return load_tokenizer(spec, EXAMPLE.parent)[0]
 
     def record(name: str, cache: str, result: Result) -> Result:
         into.setdefault((name, cache), []).append(result)
@@ -229,7 +229,7 @@ def main() -> None:
         work = Path(tmp)
         spec = example_spec(work, copies)
         with datasets_cache(work / "hf-check"):
-            check_same_tokens(spec, load_tokenizer(spec, EXAMPLE.parent))
+            check_same_tokens(spec, load_tokenizer(spec, EXAMPLE.parent)[0])
         for i in range(rounds):
             one_round(spec, work / f"round-{i}", measurements)
 

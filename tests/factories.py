@@ -44,13 +44,21 @@ def run_document(**spec: Any) -> dict[str, Any]:
     return document
 
 
-def tiny_manifest(tiny_example: Path, dest: Path, **spec: Any) -> Path:
-    """The tiny example with absolute paths (so it can live anywhere), `spec` sections merged in."""
+def tiny_manifest(
+    tiny_example: Path, dest: Path, *, max_epochs: float | None = None, **spec: Any
+) -> Path:
+    """The tiny example with absolute paths (so it can live anywhere), `spec` sections merged in.
+
+    `max_epochs`: raise the maxEpochs the example sets to this, for runs long enough to repeat the
+    small instruction sets past them (which preparation refuses before training starts).
+    """
     document = yaml.safe_load(tiny_example.read_text())
     for section, values in spec.items():
         document["spec"][section] |= values
     base = tiny_example.parent
     for source in document["spec"]["data"]["sources"]:
+        if max_epochs is not None and "maxEpochs" in source:
+            source["maxEpochs"] = max_epochs
         if (base / source["path"]).exists():  # not hub ids
             source["path"] = str(base / source["path"])
     model = document["spec"]["model"]

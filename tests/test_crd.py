@@ -63,7 +63,8 @@ def test_schema_carries_defaults_enums_descriptions_and_cel() -> None:
     assert sources["x-kubernetes-list-map-keys"] == ["name"]
     rules = [v["rule"] for v in sources["items"]["x-kubernetes-validations"]]
     assert "self.kind != 'parallel' || has(self.fields)" in rules
-    assert schema()["properties"]["status"]["properties"]["phase"]["enum"][0] == "Pending"
+    phases = schema()["properties"]["status"]["properties"]["phase"]["enum"]
+    assert phases[:2] == ["Preparing", "Pending"]
 
 
 def test_crd_metadata() -> None:

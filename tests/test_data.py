@@ -14,8 +14,15 @@ from chatflow.data.mixture import Mixture
 from chatflow.data.packing import Packer
 from chatflow.data.pipeline import build_mixture, prepare_sources
 from chatflow.data.render import Renderer
-from chatflow.data.sources import SourceError
-from chatflow.data.store import IGNORE_INDEX, PackedSource, SourceExhausted, prepare_source
+from chatflow.data.sources import SourceError, input_shards
+from chatflow.data.store import (
+    IGNORE_INDEX,
+    PackedSource,
+    SourceExhausted,
+    entry_directory,
+    write_listing,
+    write_shard,
+)
 from chatflow.sampler import Position
 from chatflow.spec import SourceSpec, SpecError, parse_run
 from factories import run_document
@@ -151,29 +158,48 @@ def test_instruction_errors_name_the_field(tokenizer) -> None:
 # --- the cache ---------------------------------------------------------------------------------
 
 
+def prepare_source(source, base, cache, tokenizer, seq_length, seed=0, held_out=0) -> PackedSource:
+    """All of one source prepared in this process (data/prepare.py decides how much in a run)."""
+    entry = entry_directory(source, base, cache, tokenizer, seq_length)
+    shards = input_shards(source, base)
+    write_listing(entry, shards)
+    for index, shard in enumerate(shards):
+        write_shard(entry, index, shard, source, base, tokenizer, seq_length)
+    return PackedSource.open(source, entry, seq_length, seed, held_out)
+
+
+def block_arrays(packed: PackedSource) -> tuple[np.ndarray, np.ndarray]:
+    """Every prepared block's input ids and loss mask, (blocks, seqLength) each."""
+    examples = [packed.example(b) for b in range(packed.blocks)]
+    return np.stack([e[0] for e in examples]), np.stack([e[1] != IGNORE_INDEX for e in examples])
+
+
 def test_prepare_packs_once_and_reuses_the_cache(tmp_path, tokenizer) -> None:
     write_jsonl(tmp_path / "data.jsonl", [{"text": f"document {i} " * 20} for i in range(50)])
-    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 32, seed=0)
-    assert packed.documents == 50 and packed.num_blocks > 10
-    assert packed.input_ids.shape == (packed.num_blocks, 32)
-    stamp = (packed.directory / "meta.json").stat().st_mtime_ns
-    again = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 32, seed=0)
+    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 32)
+    assert packed.documents == 50 and packed.num_blocks > 10 and packed.complete
+    assert block_arrays(packed)[0].shape == (packed.num_blocks, 32)
+    meta = packed.directory / "shard-000000" / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    again = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 32)
     assert again.directory == packed.directory
-    assert (again.directory / "meta.json").stat().st_mtime_ns == stamp
-    other = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 64, seed=0)
+    assert meta.stat().st_mtime_ns == stamp
+    other = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 64)
     assert other.directory != packed.directory  # seqLength is part of the fingerprint
 
 
-def test_a_half_written_cache_entry_is_never_used(tmp_path, tokenizer) -> None:
+def test_a_half_written_shard_is_never_used(tmp_path, tokenizer) -> None:
     write_jsonl(tmp_path / "data.jsonl", [{"text": "hello world " * 30}] * 5)
-    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
-    expected = np.array(packed.input_ids)
-    # A build killed before meta.json was written: its files are there, its marker is not.
-    (packed.directory / "meta.json").unlink()
-    (packed.directory / "input_ids.bin").write_bytes(b"\0" * 8)
-    (tmp_path / "cache" / f".{packed.directory.name}.tmp-99999").mkdir()
-    rebuilt = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
-    np.testing.assert_array_equal(rebuilt.input_ids, expected)
+    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16)
+    expected = block_arrays(packed)[0]
+    shard = packed.directory / "shard-000000"
+    # A writer killed mid-shard leaves only its temporary directory; readers see no shard.
+    shard.rename(packed.directory / ".shard-000000.tmp-host-99999-dead")
+    (packed.directory / ".shard-000000.tmp-host-99999-dead" / "input_ids.bin").write_bytes(b"\0")
+    reopened = PackedSource.open(source(), packed.directory, 16, seed=0)
+    assert (reopened.blocks, reopened.complete) == (0, False)
+    rebuilt = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16)
+    np.testing.assert_array_equal(block_arrays(rebuilt)[0], expected)
 
 
 def test_every_epoch_visits_each_block_once_in_a_new_order(tmp_path, tokenizer) -> None:
@@ -236,7 +262,10 @@ def test_consumers_of_the_mixture_split_it_exactly(tmp_path, tokenizer) -> None:
         ("no-such-org/no-such-dataset", r"^spec\.data\.sources\[0\]\.path: cannot load .* hub"),
         ("mixed", r"^spec\.data\.sources\[0\]\.path: mixed or unknown file types"),
         ("data/sft.jsonl", r"^spec\.data\.sources\[0\]\.textField: no column 'text'"),
-        ("broken.jsonl", r"^spec\.data\.sources\[0\]\.path: cannot load 'broken.jsonl' from local"),
+        (
+            "broken.jsonl",
+            r"^spec\.data\.sources\[0\]\.path: .*broken.jsonl: the record at byte 14 ",
+        ),
     ],
 )
 def test_unloadable_sources_fail_with_one_line(tmp_path, tokenizer, monkeypatch, path, expected):
@@ -257,8 +286,8 @@ def test_unloadable_sources_fail_with_one_line(tmp_path, tokenizer, monkeypatch,
 def test_a_missing_text_column_names_text_field(tmp_path, tokenizer) -> None:
     write_jsonl(tmp_path / "data.jsonl", [{"body": "x"}])
     with pytest.raises(SourceError, match=r"^textField: no column 'text' in the data"):
-        prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
-    assert not list((tmp_path / "cache").glob("s-*"))  # nothing half-written left behind
+        prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16)
+    assert not list((tmp_path / "cache").glob("s-*/*shard-*"))  # nothing half-written left
 
 
 def test_text_and_parquet_files_load_too(tmp_path, tokenizer) -> None:
@@ -266,19 +295,15 @@ def test_text_and_parquet_files_load_too(tmp_path, tokenizer) -> None:
 
     (tmp_path / "a.txt").write_text("line one\nline two\n")
     datasets.Dataset.from_dict({"text": ["parquet row"] * 3}).to_parquet(tmp_path / "b.parquet")
-    text = prepare_source(source(path="a.txt"), tmp_path, tmp_path / "c", tokenizer, 8, seed=0)
-    parquet = prepare_source(source(path="*.parquet"), tmp_path, tmp_path / "c", tokenizer, 8, 0)
+    text = prepare_source(source(path="a.txt"), tmp_path, tmp_path / "c", tokenizer, 8)
+    parquet = prepare_source(source(path="*.parquet"), tmp_path, tmp_path / "c", tokenizer, 8)
     assert (text.documents, parquet.documents) == (2, 3)
-    streamed = prepare_source(
-        source(path="b.parquet", streaming=True), tmp_path, tmp_path / "c", tokenizer, 8, 0
-    )
-    np.testing.assert_array_equal(streamed.input_ids, parquet.input_ids)
 
 
 def test_packed_source_reopens_from_its_directory(tmp_path, tokenizer) -> None:
     write_jsonl(tmp_path / "data.jsonl", [{"text": "abc " * 40}])
-    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16, seed=0)
-    reopened = PackedSource.open(packed.directory, max_epochs=None, seed=0)
+    packed = prepare_source(source(), tmp_path, tmp_path / "cache", tokenizer, 16)
+    reopened = PackedSource.open(source(), packed.directory, 16, seed=0)
     assert reopened.tokens == packed.tokens == int(packed.lengths.sum())
 
 
@@ -294,13 +319,14 @@ def test_the_bundled_example_with_its_extended_vocabulary(tiny_example: Path, ca
     assert len(tokenizer) == 32000 + len(added) == 32000 + len(new_tokens)
     packed = {p.name: p for p in prepare_sources(run.spec, base, cache_dir, tokenizer)}
     # Chinese text now uses the added characters as single tokens.
-    assert (packed["zh-web"].input_ids >= 32000).mean() > 0.03
-    assert (packed["en-web"].input_ids >= 32000).mean() < 0.001
+    assert (block_arrays(packed["zh-web"])[0] >= 32000).mean() > 0.03
+    assert (block_arrays(packed["en-web"])[0] >= 32000).mean() < 0.001
     for name in ("sft", "chat"):
         source = packed[name]
-        trained, real = int(source.loss_mask.sum()), source.tokens
+        ids, masks = block_arrays(source)
+        trained, real = int(masks.sum()), source.tokens
         assert 0 < trained < real / 2  # prompts are masked, responses trained
         real_tokens = source.lengths[0]  # the rest of the block is padding (EOS ids, mask 0)
-        ids, mask = source.input_ids[0, :real_tokens], source.loss_mask[0, :real_tokens] > 0
+        ids, mask = ids[0, :real_tokens], masks[0, :real_tokens]
         assert tokenizer.decode(ids[mask]).count("</s>") == tokenizer.decode(ids).count("</s>")
     assert packed["zh-en"].documents == 2 * 5000  # both directions of every pair

@@ -1,9 +1,11 @@
 """GPU scheduling, simulated: the paper's run (manifests/examples/llama2-7b-zh.yaml, 4 nodes x 8
 GPUs) applied as README's "Run on Kubernetes" says, to the real node's cluster (tests/node) with
-fake GPU nodes beside it that kwok plays. The operator (installed with helm) makes its PyTorchJob,
-the training operator its pods, and the real kube-scheduler places them as on a GPU node pool:
-one pod per node with all its GPUs, tolerating the nodes' taint. kwok only marks them Running;
-nothing trains. Without Kueue, a run that needs a fifth node leaves one pod Pending.
+fake GPU nodes beside it that kwok plays. The operator (installed with helm) makes its data
+preparation Job, whose pod (32 CPUs: too big for the real node; it tolerates the GPU nodes' taint
+as the run does) kwok runs to completion, then its PyTorchJob, the training operator its pods, and
+the real kube-scheduler places them as on a GPU node pool: one pod per node with all its GPUs,
+tolerating the nodes' taint. kwok only marks them Running; nothing trains. Without Kueue, a run
+that needs a fifth node leaves one pod Pending.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def running(pod: dict[str, Any]) -> bool:
 
 
 def diagnose(node: Node, namespace: str) -> str:
-    return node.kubectl(f"--namespace={namespace}", "get", "cfr,pytorchjobs,pods", "-o", "wide",
-                        check=False).stdout  # fmt: skip
+    return node.kubectl(f"--namespace={namespace}", "get", "cfr,jobs,pytorchjobs,pods", "-o",
+                        "wide", check=False).stdout  # fmt: skip
 
 
 def assert_gpu_pod(pod: dict[str, Any]) -> None:

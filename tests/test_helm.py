@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from chatflow.observability.queries import OPERATOR_JOB, TRAINER_JOB
+from chatflow.observability.queries import OPERATOR_JOB, PREPARATION_JOB, TRAINER_JOB
 from chatflow_operator import crd as crd_generator
-from chatflow_operator.render import pytorch_job
+from chatflow_operator.render import preparation_job, pytorch_job
 from cluster import CHART, NAMESPACE, RELEASE, REPO, Docs, Helm, wait_for
 from controlplane import ControlPlane
 from factories import run_document
@@ -192,12 +192,12 @@ def test_monitoring(helm: Helm) -> None:
     assert endpoint["port"] == service["spec"]["ports"][0]["name"] == "metrics"
     assert job(endpoint) == OPERATOR_JOB
 
-    pods = one(docs, "PodMonitor")
+    pods = one(docs, "PodMonitor", f"{RELEASE}-trainers")
     assert labelled(pods, release_label)
     assert pods["spec"]["namespaceSelector"] == {"any": True}
     # It selects the Master of the PyTorchJob the operator renders, with the label the training
     # operator adds to it, and scrapes the port the operator names.
-    run = run_document()
+    run = run_document(storage={"claimName": "data"})
     run["metadata"] |= {"namespace": "default", "uid": "0"}
     master = pytorch_job(run)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     master["metadata"]["labels"]["training.kubeflow.org/job-role"] = "master"
@@ -205,6 +205,16 @@ def test_monitoring(helm: Helm) -> None:
     (endpoint,) = pods["spec"]["podMetricsEndpoints"]
     assert (endpoint["interval"], job(endpoint)) == ("15s", TRAINER_JOB)
     assert endpoint["port"] in [p["name"] for p in master["spec"]["containers"][0]["ports"]]
+    # And the other one the pod of the preparation Job the operator renders, and only it.
+    preparations = one(docs, "PodMonitor", f"{RELEASE}-preparations")
+    assert labelled(preparations, release_label)
+    assert preparations["spec"]["namespaceSelector"] == {"any": True}
+    preparing = preparation_job(run)["spec"]["template"]
+    selector = preparations["spec"]["selector"]["matchLabels"]
+    assert labelled(preparing, selector) and not labelled(master, selector)
+    (endpoint,) = preparations["spec"]["podMetricsEndpoints"]
+    assert (endpoint["interval"], job(endpoint)) == ("15s", PREPARATION_JOB)
+    assert endpoint["port"] in [p["name"] for p in preparing["spec"]["containers"][0]["ports"]]
 
     rule = one(docs, "PrometheusRule")
     assert labelled(rule, release_label)
@@ -222,9 +232,10 @@ def test_monitoring(helm: Helm) -> None:
 
 def test_namespaced_pod_monitor_watches_the_watched_namespaces(helm: Helm) -> None:
     docs = helm.template(values("namespaced.yaml"), "--set=metrics.podMonitor.enabled=true")
-    assert one(docs, "PodMonitor")["spec"]["namespaceSelector"] == {
-        "matchNames": ["team-a", "team-b"]
-    }
+    monitors = of_kind(docs, "PodMonitor")
+    assert len(monitors) == 2  # the trainers' and the preparations'
+    for monitor in monitors:
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
 def test_custom_image_resources_scheduling_and_peering(helm: Helm) -> None:

@@ -17,10 +17,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,7 @@ from chatflow.observability import queries, rules
 from chatflow.observability.generate import stale
 from chatflow.observability.prometheus import query
 from chatflow.spec import load_run
-from chatflow_operator.render import labels as trainer_labels
+from chatflow_operator.render import labels as run_labels
 from cluster import REPO, Operator, free_port, items, wait_for
 from controlplane import ControlPlane
 from factories import tiny_manifest
@@ -64,6 +66,28 @@ def named_queries() -> set[str]:
 
 def alert_rules() -> list[dict]:
     return [rule for group in rules.groups() for rule in group["rules"]]
+
+
+def rule_selectors() -> list[str]:
+    """Every series selector of the alert rules' expressions."""
+    return sorted(
+        {
+            s.group(0)
+            for rule in alert_rules()
+            for s in re.finditer(r"\b(?:chatflow_\w+|up)\b(?:\{[^}]*\})?", rule["expr"])
+        }
+    )
+
+
+def preparing(expr: str) -> bool:
+    """Whether the expression reads the data preparation's metrics, which a preparation Job's
+    pod serves before the trainer starts."""
+    return "chatflow_prepare_" in expr
+
+
+def gpu(expr: str) -> bool:
+    """Whether the expression reads NVIDIA's DCGM exporter, which a CPU run has none of."""
+    return "DCGM_" in expr
 
 
 # --- the files ---------------------------------------------------------------------------------
@@ -121,18 +145,26 @@ def kustomize() -> list[dict]:
     return list(yaml.safe_load_all(built.stdout))
 
 
-def test_monitors_select_the_trainer_and_operator_pods() -> None:
-    objects = {d["kind"]: d for d in kustomize()}
-    assert set(objects) == {
-        "ConfigMap", "Service", "ServiceMonitor", "PodMonitor", "PrometheusRule",
-    }  # fmt: skip
-    pods = objects["PodMonitor"]["spec"]
-    master = trainer_labels(RUN) | {"training.kubeflow.org/job-role": "master"}
-    assert pods["selector"]["matchLabels"].items() <= master.items()
-    assert pods["namespaceSelector"] == {"any": True}
-    (endpoint,) = pods["podMetricsEndpoints"]
-    assert endpoint["port"] == "metrics"
-    assert job_of(endpoint) == queries.TRAINER_JOB
+def test_monitors_select_the_trainer_preparation_and_operator_pods() -> None:
+    built = kustomize()
+    objects = {d["kind"]: d for d in built if d["kind"] != "PodMonitor"}
+    assert set(objects) == {"ConfigMap", "Service", "ServiceMonitor", "PrometheusRule"}
+    monitors = {d["metadata"]["name"]: d["spec"] for d in built if d["kind"] == "PodMonitor"}
+    master = run_labels(RUN) | {"training.kubeflow.org/job-role": "master"}
+    preparation = run_labels(RUN, "preparation")
+    # Each selects its own pods and only those: the job's master, the preparation Job's pod.
+    for name, pods, others, job in (
+        ("chatflow-trainer", master, preparation, queries.TRAINER_JOB),
+        ("chatflow-preparation", preparation, master, queries.PREPARATION_JOB),
+    ):
+        spec = monitors.pop(name)
+        selector = spec["selector"]["matchLabels"].items()
+        assert selector <= pods.items() and not selector <= others.items()
+        assert spec["namespaceSelector"] == {"any": True}
+        (endpoint,) = spec["podMetricsEndpoints"]
+        assert endpoint["port"] == "metrics"
+        assert job_of(endpoint) == job
+    assert monitors == {}
 
     deployment = yaml.safe_load((REPO / "manifests" / "base" / "deployment.yaml").read_text())
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -264,7 +296,10 @@ def live(
         cleanup.callback(operator.stop)
         port = free_port()
         manifest = tiny_manifest(
-            tiny_example, workdir / "tiny.yaml", training=TRAINING | {"metricsPort": port}
+            tiny_example,
+            workdir / "tiny.yaml",
+            max_epochs=1000,  # many steps (TRAINING)
+            training=TRAINING | {"metricsPort": port},
         )
         cluster.kubectl("apply", f"--namespace={namespace}", "-f", str(manifest))
         job = wait_for(
@@ -348,7 +383,7 @@ def _wait_for_data(live: Live, exprs: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_every_dashboard_query_returns_data(live: Live) -> None:
-    _wait_for_data(live, dashboard_queries())
+    _wait_for_data(live, [e for e in dashboard_queries() if not preparing(e) and not gpu(e)])
     # The variables' label_values(): the run is offered in its namespace.
     steps = query(live.url, f'chatflow_step{{namespace="{live.namespace}"}}')
     assert {s["metric"]["run"] for s in steps} == {RUN}
@@ -357,17 +392,160 @@ def test_every_dashboard_query_returns_data(live: Live) -> None:
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_every_rule_selector_returns_data(live: Live) -> None:
-    selectors = sorted(
-        {
-            s.group(0)
-            for rule in alert_rules()
-            for s in re.finditer(r"\b(?:chatflow_\w+|up)\b(?:\{[^}]*\})?", rule["expr"])
-        }
-    )
-    _wait_for_data(live, selectors)
+    _wait_for_data(live, [e for e in rule_selectors() if not preparing(e)])
     # Prometheus loaded every rule and evaluates it without error.
     assert {r["name"] for r in _rules(live.url)} == {rule["alert"] for rule in alert_rules()}
     wait_for(lambda: all(r["health"] == "ok" for r in _rules(live.url)), "rules evaluated")
+
+
+@pytest.mark.slow
+def test_every_preparation_query_returns_data(
+    tiny_example: Path, prometheus_dir: Path, tmp_path: Path
+) -> None:
+    """A real `chatflow prepare` of the tiny example (into a cache of its own, so it has work to
+    do), scraped every second with the labels the preparations' PodMonitor gives its pod. It ends
+    in seconds, so each query is asked whether it had data at any time since."""
+    port = free_port()
+    manifest = tiny_manifest(tiny_example, tmp_path / "tiny.yaml", training={"metricsPort": port})
+    namespace = "ml"
+    scrape = [_static(queries.PREPARATION_JOB, port, namespace=namespace)]
+    with _prometheus(prometheus_dir, tmp_path, scrape) as url:
+        prepared = subprocess.run(
+            [Path(sys.executable).parent / "chatflow", "prepare", "-f", str(manifest),
+             "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out"),
+             "--workers", "1", "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert prepared.returncode == 0, prepared.stderr[-3000:]
+        exprs = [e for e in dashboard_queries() + rule_selectors() if preparing(e)]
+        assert exprs
+        ever = {
+            e: f"last_over_time(({queries.fill(e, run=RUN, namespace=namespace, window='10s')})"
+            "[10m:1s])"
+            for e in exprs
+        }
+        assert [e for e, asked in ever.items() if not query(url, asked)] == []
+        # The dashboard's variables offer a run that is only preparing.
+        offered = query(url, "last_over_time(chatflow_prepare_shards_total[10m])")
+        assert {s["metric"]["run"] for s in offered} == {RUN}
+
+
+# The GPUs of the run's two pods, and of another job's pod in the same namespace; GPU 1 of the
+# worker reports XID 79 (fallen off the bus).
+RUN_GPUS = {("tiny-0123abcd-master-0", "0"), ("tiny-0123abcd-master-0", "1"),
+            ("tiny-0123abcd-worker-0", "0"), ("tiny-0123abcd-worker-0", "1")}  # fmt: skip
+OTHER_GPU = ("other-89abcdef-worker-0", "0")
+XID = {("tiny-0123abcd-worker-0", "1"): 79}
+
+
+def dcgm_exposition() -> str:
+    """What NVIDIA's dcgm-exporter serves for these GPUs, with its Kubernetes mapping on: its
+    default counters' HELP and TYPE lines, and its labels."""
+    counters = {
+        "DCGM_FI_DEV_GPU_UTIL": ("GPU utilization (in %).", 97),
+        "DCGM_FI_DEV_FB_USED": ("Framebuffer memory used (in MiB).", 61440),
+        "DCGM_FI_DEV_POWER_USAGE": ("Power draw (in W).", 612.5),
+        "DCGM_FI_DEV_XID_ERRORS": ("Value of the last XID error encountered.", 0),
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE":
+            ("Ratio of cycles the tensor (HMMA) pipe is active.", 0.41),
+    }  # fmt: skip
+    lines = []
+    for name, (help_text, value) in counters.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for number, (pod, gpu) in enumerate(sorted(RUN_GPUS | {OTHER_GPU})):
+            labels = (
+                f'gpu="{gpu}",UUID="GPU-{number:08x}",pci_bus_id="00000000:{number:02X}:00.0",'
+                f'device="nvidia{gpu}",modelName="NVIDIA H100 80GB HBM3",Hostname="gpu-{pod[-1]}",'
+                f'DCGM_FI_DRIVER_VERSION="550.54.15",container="pytorch",namespace="ml",pod="{pod}"'
+            )
+            if name == "DCGM_FI_DEV_XID_ERRORS":
+                value = XID.get((pod, gpu), 0)
+            lines.append(f"{name}{{{labels}}} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def test_gpu_panels_and_the_xid_alert_on_dcgm_series(prometheus_dir: Path, tmp_path: Path) -> None:
+    """Prometheus scrapes DCGM's exposition (honoring its pod labels, as the GPU operator's
+    ServiceMonitor does) and the run's trainer series. Every GPU panel shows the run's GPUs and no
+    other job's; the XID alert fires for the one GPU that reported an error, naming the run."""
+    pages = {
+        "/dcgm": dcgm_exposition(),
+        "/trainer": f'# TYPE chatflow_step gauge\nchatflow_step{{run="{RUN}"}} 7\n',
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _pages_handler(pages))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    scrape = [
+        {**_static("dcgm-exporter", port), "metrics_path": "/dcgm", "honor_labels": True},
+        {**_static(queries.TRAINER_JOB, port, namespace="ml"), "metrics_path": "/trainer"},
+    ]
+    try:
+        with _prometheus(prometheus_dir, tmp_path, scrape, rules=MONITORING / "rules.yaml") as url:
+            gpu_panels = [e for e in dashboard_queries() if "DCGM_" in e]
+            assert len(gpu_panels) == 6
+            filled = [queries.fill(e, run=RUN, namespace="ml") for e in gpu_panels]
+            wait_for(lambda: all(query(url, e) for e in filled), "data for every GPU panel")
+            run_pods = {pod for pod, _ in RUN_GPUS}
+            for expr in filled:
+                pods = {s["metric"].get("pod") for s in query(url, expr)}
+                assert pods <= run_pods | {None}, expr
+            xid = query(url, queries.fill(queries.GPU_XID.expr, run=RUN, namespace="ml"))
+            errors = {(s["metric"]["pod"], s["metric"]["gpu"]): float(s["value"][1]) for s in xid}
+            assert errors == {gpu: XID.get(gpu, 0) for gpu in RUN_GPUS}
+
+            def firing() -> list[dict]:
+                with urllib.request.urlopen(f"{url}/api/v1/alerts") as response:
+                    alerts = json.load(response)["data"]["alerts"]
+                return [a for a in alerts if a["labels"]["alertname"] == "ChatFlowGPUXidError"]
+
+            alert = wait_for(firing, "the XID alert")
+            assert [
+                (a["labels"]["pod"], a["labels"]["gpu"], a["labels"]["run"]) for a in alert
+            ] == [("tiny-0123abcd-worker-0", "1", RUN)]
+            assert "reported XID 79" in alert[0]["annotations"]["description"]
+    finally:
+        server.shutdown()
+
+
+def _pages_handler(pages: dict[str, str]) -> type[BaseHTTPRequestHandler]:
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages[self.path].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Pages
+
+
+@contextmanager
+def _prometheus(
+    prometheus_dir: Path, workdir: Path, scrape: list[dict], rules: Path | None = None
+) -> Iterator[str]:
+    """Prometheus scraping and evaluating every second, until the block ends: its URL."""
+    web = f"127.0.0.1:{free_port()}"
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": scrape,
+        "rule_files": [str(rules)] if rules else [],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with (workdir / "prometheus.log").open("w") as log:
+        prometheus = subprocess.Popen(
+            [prometheus_dir / "prometheus", f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address={web}"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: _ready(f"http://{web}"), "Prometheus to be ready")
+        yield f"http://{web}"
+    finally:
+        _stop(prometheus)
 
 
 def _rules(url: str) -> list[dict]:

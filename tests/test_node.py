@@ -1,6 +1,7 @@
 """End to end on a real node (tests/node): the operator installed with helm from its image, the
-tiny example applied as README's "Run on Kubernetes" says, the training operator's pods training
-with our trainer image, and what users do to a running run (preemption, suspend, resize).
+tiny example applied as README's "Run on Kubernetes" says, its data prepared by a Job, the training
+operator's pods training with our trainer image, and what users do to a running run (preemption,
+suspend, resize).
 
 A run's samples are compared with the plan (tests/outputs.global_batches): every step trains on
 exactly its global batch, also when the job was interrupted, as an uninterrupted run does
@@ -103,13 +104,23 @@ class Run:
         state = self.output / "checkpoints" / f"step-{step:08d}" / "trainer.json"
         self.wait(f"the checkpoint of step {step}", lambda _: state.exists())
 
-    def pods(self) -> list[dict[str, Any]]:
-        out = self.kubectl("get", "pods", "-l", f"chatflow.io/run={RUN}", "-o", "json").stdout
+    def pods(self, component: str | None = None) -> list[dict[str, Any]]:
+        """The run's pods; those of one component (trainer, preparation) if given."""
+        selector = f"chatflow.io/run={RUN}"
+        if component:
+            selector += f",app.kubernetes.io/component={component}"
+        out = self.kubectl("get", "pods", "-l", selector, "-o", "json").stdout
         return json.loads(out)["items"]
 
+    def events(self) -> set[str]:
+        """The reasons of the run's Events: its phases among them."""
+        out = self.kubectl("get", "events", "--field-selector", f"involvedObject.name={RUN}",
+                           "-o", "json").stdout  # fmt: skip
+        return {e["reason"] for e in json.loads(out)["items"]}
+
     def diagnose(self) -> str:
-        """The run, its job and pods, and the pods' last log lines: for failure messages."""
-        parts = [self.kubectl("get", "cfr,pytorchjobs,pods", "-o", "wide", check=False).stdout]
+        """The run, its jobs and pods, and the pods' last log lines: for failure messages."""
+        parts = [self.kubectl("get", "cfr,jobs,pytorchjobs,pods", "-o", "wide", check=False).stdout]
         for pod in self.pods():
             name = pod["metadata"]["name"]
             logs = self.kubectl("logs", name, "--tail=25", "--all-containers", check=False)
@@ -285,6 +296,15 @@ def test_tiny_example_trains_on_the_node(
     run = apply_tiny(node, namespace)
     status = run.wait_step(1)
     job = status["jobName"]
+    # With its volume, the data was prepared first: by a Job that had ended before the training
+    # job was made, whose trainers only open the cache.
+    assert "Preparing" in run.events()
+    preparation = run.get("job", f"{job}-prep")
+    assert preparation["status"]["succeeded"] == 1
+    made = run.get("pytorchjob", job)["metadata"]["creationTimestamp"]
+    assert preparation["status"]["completionTime"] <= made
+    trainer = run.get("pytorchjob", job)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert "--prepared" in trainer["spec"]["containers"][0]["args"]
     # Prometheus found the master pod through the PodMonitor's rules, and only it.
     series = wait_for(
         lambda: query(prometheus, f'chatflow_samples_total{{namespace="{namespace}"}}'),
@@ -295,7 +315,9 @@ def test_tiny_example_trains_on_the_node(
     # Live: the operator (a pod) read rank 0's metrics from the master pod.
     assert status["phase"] == "Running"
     assert 0 < status["progress"]["fraction"] < 1
-    roles = {p["metadata"]["labels"]["training.kubeflow.org/replica-type"] for p in run.pods()}
+    roles = {
+        p["metadata"]["labels"]["training.kubeflow.org/replica-type"] for p in run.pods("trainer")
+    }
     assert roles == {"master", "worker"}
     images = {c["image"] for p in run.pods() for c in p["spec"]["containers"]}
     assert images == {"ghcr.io/chatflow/trainer:0.1.0"}
@@ -306,6 +328,7 @@ def test_tiny_example_trains_on_the_node(
     assert_trained_exactly(run)
     job = run.get("pytorchjob", status["jobName"])
     assert job["status"]["conditions"][-1]["type"] == "Succeeded"
+    assert {"Preparing", "Running", "Succeeded"} <= run.events()
 
 
 @pytest.mark.parametrize("role", ["worker", "master"])
@@ -329,7 +352,7 @@ def test_suspend_then_resume_continues_exactly(node: Node, release: str, namespa
     run.wait_checkpoint(EARLY_CHECKPOINT)
     run.patch({"suspend": True})
     run.wait_phase("Suspended", timeout=180)
-    wait_for(lambda: not run.pods(), "the pods to go", 180)
+    wait_for(lambda: not run.pods("trainer"), "the pods to go", 180)
     checkpoints = sorted((run.output / "checkpoints").glob("step-*"))
     assert checkpoints, "suspended without a checkpoint"
     run.patch({"suspend": False})
@@ -363,8 +386,11 @@ def test_a_missing_data_path_fails_the_run_naming_the_field(
     run = apply_tiny(node, namespace, missing_path)
     status = run.wait_phase("Failed", timeout=300)
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "PreparationFailed", failed
     assert "spec.data.sources[1].path" in failed["message"], failed
     assert "/nonexistent/zh.jsonl" in failed["message"], failed
-    # Failed for good: no pod restarted in a loop.
-    for pod in run.pods():
-        assert all(c.get("restartCount", 0) == 0 for c in pod["status"]["containerStatuses"])
+    # Failed for good, in its preparation: one pod, not retried, and no training job made.
+    (pod,) = run.pods()
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "preparation"
+    assert pod["status"]["phase"] == "Failed"
+    assert run.kubectl("get", "pytorchjobs", "-o", "name").stdout == ""

@@ -1,8 +1,9 @@
 """The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager).
 
 No training operator runs: tests patch each PyTorchJob's status the way it would, and create the
-master pod it would create. The operator itself runs as a process under the ServiceAccount and
-RBAC of manifests/base.
+master pod it would create. The Job controller does run, but no node, so a preparation Job's pod
+never runs: its end is tested on a real node (test_node.py). The operator itself runs as a
+process under the ServiceAccount and RBAC of manifests/base.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from factories import tiny_manifest
 
 EXAMPLES = REPO / "manifests" / "examples"
 JOBS = "pytorchjobs.kubeflow.org"
+PREPARATIONS = "jobs.batch"
 RUNS = "chatflowruns.chatflow.io"
 
 pytestmark = pytest.mark.cluster
 
 
 def apply_run(cp: ControlPlane, namespace: str, path: Path, **spec: Any) -> dict[str, Any]:
-    """kubectl apply a run manifest, with `spec` fields replaced."""
+    """kubectl apply a run manifest, with `spec` fields replaced (None removes one)."""
     document = yaml.safe_load(path.read_text())
-    document["spec"] |= spec
+    document["spec"] = {k: v for k, v in (document["spec"] | spec).items() if v is not None}
     cp.kubectl("apply", f"--namespace={namespace}", "-f", "-", input=yaml.safe_dump(document))
     return document
 
@@ -56,6 +58,14 @@ def the_job(cp: ControlPlane, namespace: str, run: str) -> dict[str, Any]:
     return wait_for(
         lambda: next(iter(items(cp, JOBS, namespace, f"chatflow.io/run={run}")), None),
         f"the PyTorchJob of {run}",
+    )
+
+
+def the_preparation(cp: ControlPlane, namespace: str, run: str) -> dict[str, Any]:
+    """The run's one preparation Job, once it exists."""
+    return wait_for(
+        lambda: next(iter(items(cp, PREPARATIONS, namespace, f"chatflow.io/run={run}")), None),
+        f"the preparation Job of {run}",
     )
 
 
@@ -93,7 +103,8 @@ def test_examples_become_jobs_and_config_maps(
     cluster: ControlPlane, operator: Operator, namespace: str
 ) -> None:
     cluster.kubectl("apply", f"--namespace={namespace}", "-f", str(EXAMPLES / "tiny.yaml"))
-    cluster.kubectl("apply", f"--namespace={namespace}", "-f", str(EXAMPLES / "llama2-7b-zh.yaml"))
+    # Without its storage, whose runs prepare their data first (see the test after this one).
+    apply_run(cluster, namespace, EXAMPLES / "llama2-7b-zh.yaml", storage=None)
 
     job = the_job(cluster, namespace, "llama2-7b-zh")
     replicas = job["spec"]["pytorchReplicaSpecs"]
@@ -102,7 +113,8 @@ def test_examples_become_jobs_and_config_maps(
     container = replicas["Worker"]["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
-    assert container["args"][3] == "/data/chatflow/runs/llama2-7b-zh"
+    assert container["args"][3] == "/data/runs/llama2-7b-zh"
+    assert "--prepared" not in container["args"]  # the trainer prepares in place
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == (
         "ChatFlowRun",
@@ -123,16 +135,122 @@ def test_examples_become_jobs_and_config_maps(
     assert status["jobName"] == tiny["metadata"]["name"]
     printed = cluster.kubectl("get", "cfr", f"--namespace={namespace}").stdout
     assert printed.split("\n")[0].split()[:4] == ["NAME", "PHASE", "PROGRESS", "STEP"]
+    assert items(cluster, PREPARATIONS, namespace) == []
+
+
+def test_with_storage_the_data_is_prepared_before_the_job(
+    cluster: ControlPlane, operator: Operator, namespace: str
+) -> None:
+    cluster.kubectl("apply", f"--namespace={namespace}", "-f", str(EXAMPLES / "llama2-7b-zh.yaml"))
+    preparation = the_preparation(cluster, namespace, "llama2-7b-zh")
+    name = preparation["metadata"]["name"]
+    status = wait_for(
+        lambda: (
+            (s := run_status(cluster, namespace, "llama2-7b-zh")).get("phase") == "Preparing" and s
+        ),
+        "phase Preparing",
+    )
+    assert name == f"{status['jobName']}-prep"
+    (condition,) = status["conditions"]
+    assert (condition["type"], condition["reason"]) == ("Preparing", "PreparationStarted")
+
+    # As the API server admitted it: one CPU pod on the run's volume and ConfigMap.
+    assert preparation["metadata"]["ownerReferences"][0]["name"] == "llama2-7b-zh"
+    rules = preparation["spec"]["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["FailJob", "Ignore", "Ignore"]
+    pod = preparation["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["chatflow", "prepare"]
+    args = container["args"]
+    assert args[args.index("--workers") + 1] == "32"
+    assert args[args.index("--output") + 1] == "/data/chatflow/runs/llama2-7b-zh"
+    assert container["resources"]["requests"] == {"cpu": "32", "memory": "64Gi"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "chatflow-data"
+    assert volumes["config"]["configMap"]["name"] == status["jobName"]
+    assert get(cluster, "configmap", status["jobName"], namespace) is not None
+
+    # The Job controller made the pod (no node runs it); the PyTorchJob waits for it, pass after
+    # pass of the operator's timer.
+    wait_for(
+        lambda: items(cluster, "pods", namespace, f"batch.kubernetes.io/job-name={name}"),
+        "the preparation's pod",
+    )
+    passes = operator.metric("chatflow_operator_reconciles_total", trigger="progress")
+    wait_for(
+        lambda: (
+            operator.metric("chatflow_operator_reconciles_total", trigger="progress") >= passes + 3
+        ),
+        "three more timer passes",
+    )
+    assert items(cluster, JOBS, namespace) == []
+    assert run_status(cluster, namespace, "llama2-7b-zh")["phase"] == "Preparing"
+    said = dict(events(cluster, namespace, "llama2-7b-zh"))
+    assert said["Created"] == f"created ConfigMap and Job {name}"
+    assert said["Preparing"] == f"New -> Preparing: Job {name} prepares the data"
+
+    cluster.kubectl("delete", RUNS, "llama2-7b-zh", f"--namespace={namespace}", "--wait=false")
+    wait_for(lambda: not items(cluster, PREPARATIONS, namespace), "garbage collection of the Job")
+
+
+def test_a_preparation_is_suspended_and_replaced_with_the_run(
+    cluster: ControlPlane, operator: Operator, namespace: str
+) -> None:
+    example = EXAMPLES / "llama2-7b-zh.yaml"
+    apply_run(cluster, namespace, example)
+    first = the_preparation(cluster, namespace, "llama2-7b-zh")["metadata"]["name"]
+    selector = f"batch.kubernetes.io/job-name={first}"
+    wait_for(lambda: items(cluster, "pods", namespace, selector), "the preparation's pod")
+
+    # Suspended in place: the Job controller deletes its pod and says so; so does the run.
+    apply_run(cluster, namespace, example, suspend=True)
+    wait_for(
+        lambda: run_status(cluster, namespace, "llama2-7b-zh").get("phase") == "Suspended",
+        "phase Suspended",
+    )
+    assert get(cluster, PREPARATIONS, first, namespace)["spec"]["suspend"] is True
+    wait_for(lambda: not items(cluster, "pods", namespace, selector), "the pod to go")
+    apply_run(cluster, namespace, example, suspend=False)
+    wait_for(
+        lambda: run_status(cluster, namespace, "llama2-7b-zh").get("phase") == "Preparing",
+        "phase Preparing again",
+    )
+    assert get(cluster, PREPARATIONS, first, namespace)["spec"]["suspend"] is False
+
+    # A restart-worthy change names a new preparation; the old one is deleted. No job has been
+    # replaced: the run has not restarted.
+    apply_run(cluster, namespace, example, nodes=5)
+
+    def preparations() -> list[str]:
+        return [p["metadata"]["name"] for p in items(cluster, PREPARATIONS, namespace)]
+
+    new = wait_for(lambda: [n for n in preparations() if n != first], "the new preparation Job")
+    wait_for(lambda: preparations() == new, "the old one to go")
+    status = wait_for(
+        lambda: (
+            (s := run_status(cluster, namespace, "llama2-7b-zh"))["observedGeneration"] == 4 and s
+        ),
+        "the new generation's status",
+    )
+    assert status["phase"] == "Preparing" and status["restarts"] == 0
+    assert new == [f"{status['jobName']}-prep"]
+    assert items(cluster, JOBS, namespace) == []
 
 
 def test_tiny_example_for_cpu_clusters_reads_the_images_assets(
     cluster: ControlPlane, operator: Operator, namespace: str, tiny_example: Path
 ) -> None:
     cluster.kubectl("apply", f"--namespace={namespace}", "-k", str(EXAMPLES))
-    job = the_job(cluster, namespace, "tiny")
-    assert job["spec"]["nprocPerNode"] == "1"
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
-    config = get(cluster, "configmap", job["metadata"]["name"], namespace)
+    # On its volume: its data prepared by a Job first, as small as the node test's node needs.
+    preparation = the_preparation(cluster, namespace, "tiny")
+    (container,) = preparation["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"] == {"cpu": "500m", "memory": "1Gi"}
+    config = get(
+        cluster, "configmap", preparation["metadata"]["name"].removesuffix("-prep"), namespace
+    )
     spec = parse_run(yaml.safe_load(config["data"]["run.yaml"])).spec
     paths = [spec.model.base, spec.model.tokenizer, spec.model.extend_vocab.tokens_file]
     paths += [source.path for source in spec.data.sources]
@@ -369,11 +487,13 @@ def test_operator_account_is_least_privilege(cluster: ControlPlane) -> None:
 
     allowed = [
         ("watch", RUNS), ("patch", f"{RUNS}/status"), ("create", JOBS), ("delete", JOBS),
+        ("create", PREPARATIONS), ("watch", PREPARATIONS), ("delete", PREPARATIONS),
         ("create", "configmaps"), ("list", "pods"), ("create", "events"),
         ("patch", "clusterkopfpeerings.kopf.dev"),
     ]  # fmt: skip
     denied = [
-        ("create", RUNS), ("delete", RUNS), ("update", JOBS), ("get", "secrets"),
+        ("create", RUNS), ("delete", RUNS), ("update", JOBS), ("update", PREPARATIONS),
+        ("get", "secrets"),
         ("create", "pods"), ("delete", "pods"), ("get", "pods"), ("create", "deployments"),
         ("create", "serviceaccounts"), ("create", "rolebindings"), ("list", "nodes"),
         ("delete", "customresourcedefinitions"), ("delete", "events"),
@@ -418,6 +538,17 @@ def test_second_instance_with_lower_priority_never_acts(
         standby.stop()
 
 
+def local_pod(cluster: ControlPlane, namespace: str, name: str, labels: str) -> None:
+    """A pod with `labels` whose IP is this host's: a local process stands in for it."""
+    cluster.kubectl(
+        "run", name, "--image=trainer", f"--namespace={namespace}", f"--labels={labels}"
+    )  # fmt: skip
+    cluster.kubectl(
+        "patch", "pod", name, f"--namespace={namespace}",
+        "--subresource=status", "--type=merge", "-p", '{"status": {"podIP": "127.0.0.1"}}',
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_progress_comes_from_a_real_trainer(
     cluster: ControlPlane,
@@ -430,17 +561,16 @@ def test_progress_comes_from_a_real_trainer(
     """A real `chatflow train` of the tiny example stands in for the job's master pod."""
     port = free_port()
     training = {"metricsPort": port, "maxSteps": 1000, "checkpoint": {"everySteps": 2, "keep": 1}}
-    manifest = tiny_manifest(tiny_example, tmp_path / "tiny.yaml", training=training)
+    # Long enough to still run when read.
+    manifest = tiny_manifest(
+        tiny_example, tmp_path / "tiny.yaml", max_epochs=1000, training=training
+    )
     apply_run(cluster, namespace, manifest)
     job = the_job(cluster, namespace, "tiny")
     job_name = job["metadata"]["name"]
-    cluster.kubectl(
-        "run", f"{job_name}-master-0", "--image=trainer", f"--namespace={namespace}",
-        f"--labels=training.kubeflow.org/job-name={job_name},training.kubeflow.org/job-role=master",
-    )  # fmt: skip
-    cluster.kubectl(
-        "patch", "pod", f"{job_name}-master-0", f"--namespace={namespace}",
-        "--subresource=status", "--type=merge", "-p", '{"status": {"podIP": "127.0.0.1"}}',
+    local_pod(
+        cluster, namespace, f"{job_name}-master-0",
+        f"training.kubeflow.org/job-name={job_name},training.kubeflow.org/job-role=master",
     )  # fmt: skip
     set_job_conditions(cluster, job, "Created", "Running")
 
@@ -473,3 +603,36 @@ def test_progress_comes_from_a_real_trainer(
     assert progress["schedulePhase"]
     printed = cluster.kubectl("get", "cfr", "tiny", f"--namespace={namespace}").stdout
     assert "Running" in printed
+
+
+@pytest.mark.slow
+def test_preparation_progress_comes_from_a_real_chatflow_prepare(
+    cluster: ControlPlane, operator: Operator, namespace: str, tiny_example: Path, tmp_path: Path
+) -> None:
+    """A real `chatflow prepare` of the tiny example, into a cache of its own (so it has work to
+    do), stands in for the preparation Job's pod."""
+    port = free_port()
+    manifest = tiny_manifest(tiny_example, tmp_path / "tiny.yaml", training={"metricsPort": port})
+    apply_run(cluster, namespace, manifest, storage={"claimName": "data"})
+    name = the_preparation(cluster, namespace, "tiny")["metadata"]["name"]
+    local_pod(cluster, namespace, f"{name}-local", f"batch.kubernetes.io/job-name={name}")
+    preparing = subprocess.Popen(
+        [Path(sys.executable).parent / "chatflow", "prepare", "-f", str(manifest),
+         "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "out"),
+         "--workers", "2", "--metrics-port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        preparation = wait_for(
+            lambda: run_status(cluster, namespace, "tiny").get("preparation"),
+            "the preparation's progress in the run's status",
+            timeout=120,
+        )
+    finally:
+        preparing.terminate()
+        preparing.wait(timeout=60)
+    sources = load_run(manifest).spec.source_names
+    assert preparation["shardsTotal"] >= len(sources)
+    assert 0 <= preparation["shardsDone"] <= preparation["shardsTotal"]
+    assert preparation["tokens"] >= 0 and preparation["documents"] >= 0
+    assert run_status(cluster, namespace, "tiny")["phase"] == "Preparing"

@@ -1,11 +1,13 @@
-"""The run's status from its PyTorchJob and its trainer's metrics (pure functions, no cluster)."""
+"""The run's status from its PyTorchJob and its trainer's metrics, or from its preparation Job and
+that one's metrics (pure functions, no cluster)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from chatflow import metric_names as names
 from chatflow.spec import parse_run
 from chatflow.train.metrics import TrainerMetrics
 from chatflow_operator import status
@@ -150,3 +152,108 @@ def test_a_finished_run_takes_its_final_step_from_the_trainers_last_word() -> No
     # An older trainer's message, or none: the last scrape stands.
     older = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}}
     assert status.final_progress([older], last_scrape, 960, NOW) == last_scrape
+
+
+def batch_job(*conditions: dict[str, Any]) -> dict[str, Any]:
+    """A preparation Job as the API server holds it, with the Job controller's conditions."""
+    return {
+        "metadata": {"name": "test-abc-prep", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"conditions": list(conditions)},
+    }
+
+
+def test_preparing_runs_follow_their_preparation_job() -> None:
+    assert status.preparation_phase(batch_job()) == "Preparing"
+    suspended = condition("Suspended", "2026-01-01T00:01:00Z", message="Job suspended")
+    assert status.preparation_phase(batch_job(suspended)) == "Suspended"
+    resumed = condition("Suspended", "2026-01-01T00:02:00Z", "False", message="Job resumed")
+    assert status.preparation_phase(batch_job(resumed)) == "Preparing"
+    complete = condition("Complete", "2026-01-01T00:03:00Z")
+    assert status.preparation_phase(batch_job(resumed, complete)) == "Succeeded"
+
+    new = status.run_status(stored_run(), "test-abc", None, preparing=batch_job(), now=NOW)
+    assert new["phase"] == "Preparing" and new["jobName"] == "test-abc"
+    (preparing,) = new["conditions"]
+    assert (preparing["type"], preparing["reason"]) == ("Preparing", "PreparationStarted")
+    assert preparing["lastTransitionTime"] == "2026-01-01T00:00:00Z"  # stable across passes
+    assert status.transition(None, new) == (
+        "Preparing",
+        "New -> Preparing: Job test-abc-prep prepares the data",
+    )
+    paused = status.run_status(
+        stored_run(**new), "test-abc", None, preparing=batch_job(suspended), now=NOW
+    )
+    assert paused["phase"] == "Suspended"
+    assert paused["conditions"][0]["lastTransitionTime"] == "2026-01-01T00:01:00Z"
+
+
+def test_a_failed_preparation_fails_the_run_with_what_its_pod_said() -> None:
+    error = "spec.data.sources[1].path: no such file or directory: /nonexistent/zh.jsonl"
+    pod = {"status": {"containerStatuses": [
+        {"name": "prepare", "state": {"terminated": {"exitCode": 2, "message": error + "\n"}}}
+    ]}}  # fmt: skip
+    failed = batch_job(
+        condition("FailureTarget", "2026-01-01T00:01:00Z"),
+        condition("Failed", "2026-01-01T00:01:01Z", message="Container prepare failed with 2"),
+    )
+    new = status.run_status(
+        stored_run(phase="Preparing"), "test-abc", None, preparing=failed,
+        trainer_error=status.trainer_error([pod]), now=NOW,
+    )  # fmt: skip
+    assert new["phase"] == "Failed"
+    (failure,) = new["conditions"]
+    assert (failure["type"], failure["reason"], failure["message"]) == (
+        "Failed",
+        "PreparationFailed",
+        error,
+    )
+    assert status.transition({"phase": "Preparing"}, new) == (
+        "Failed",
+        f"Preparing -> Failed: {error}",
+    )
+    # Its pods gone (or out of memory, with nothing said): the Job's own word.
+    bare = status.run_status(stored_run(), "test-abc", None, preparing=failed, now=NOW)
+    assert bare["conditions"][0]["message"] == (
+        "Job test-abc-prep failed: Container prepare failed with 2"
+    )
+
+
+def test_preparation_progress_is_summed_over_sources_from_its_metrics_page() -> None:
+    registry = CollectorRegistry()
+    labels = names.PREPARE_LABELS
+    metrics = {
+        name: kind(name, "help", labels, registry=registry)
+        for name, kind in (
+            (names.PREPARE_DOCUMENTS, Counter),
+            (names.PREPARE_TOKENS, Counter),
+            (names.PREPARE_READ_BYTES, Counter),
+            (names.PREPARE_SHARDS_DONE, Gauge),
+            (names.PREPARE_SHARDS_TOTAL, Gauge),
+        )
+    }
+    assert status.preparation_from_metrics(generate_latest(registry).decode(), NOW) is None
+    for source, (documents, tokens, done, total) in {
+        "en-web": (100, 6400, 2, 4), "zh-web": (50, 3200, 1, 3),
+    }.items():  # fmt: skip
+        metrics[names.PREPARE_DOCUMENTS].labels("test", source).inc(documents)
+        metrics[names.PREPARE_TOKENS].labels("test", source).inc(tokens)
+        metrics[names.PREPARE_READ_BYTES].labels("test", source).inc(10**6)
+        metrics[names.PREPARE_SHARDS_DONE].labels("test", source).set(done)
+        metrics[names.PREPARE_SHARDS_TOTAL].labels("test", source).set(total)
+    progress = status.preparation_from_metrics(generate_latest(registry).decode(), NOW)
+    assert progress is not None
+    summed = {"shardsDone": 3, "shardsTotal": 7, "tokens": 9600, "documents": 150}
+    assert progress.model_dump(by_alias=True) == summed | {"updatedAt": NOW}
+
+    # Kept through later passes, and complete once the Job is: its last shards came after the
+    # last read.
+    preparing = status.run_status(
+        stored_run(), "test-abc", None, preparing=batch_job(), preparation=progress, now=NOW
+    )
+    assert preparing["preparation"]["shardsDone"] == 3
+    later = status.run_status(stored_run(**preparing), "test-abc", None, preparing=batch_job(),
+                              now=NOW)  # fmt: skip
+    assert later["preparation"] == preparing["preparation"]
+    done = status.prepared(later, "2026-11-22T12:05:00Z")
+    assert done is not None and (done.shards_done, done.tokens) == (7, 9600)
+    assert status.prepared({}, NOW) is None

@@ -1,4 +1,4 @@
-"""ChatFlowRun -> ConfigMap + PyTorchJob, as pure functions (no cluster)."""
+"""ChatFlowRun -> ConfigMap + PyTorchJob (+ preparation Job), as pure functions (no cluster)."""
 
 from __future__ import annotations
 
@@ -92,10 +92,12 @@ def test_job_is_master_plus_workers_with_one_process_per_gpu() -> None:
         "-m",
         "chatflow.train",
     ]
+    # With storage, the preparation Job has filled the cache before the trainer starts.
     assert container["args"] == [
         "--file", "/etc/chatflow/run.yaml",
         "--output", "/mnt/llm/runs/test",
         "--cache-dir", "/mnt/llm/cache",
+        "--prepared",
     ]  # fmt: skip
     assert container["resources"] == {
         "requests": {"cpu": "32", "memory": "512Gi", "nvidia.com/gpu": 8},
@@ -122,6 +124,9 @@ def test_single_cpu_node_has_no_workers_and_no_gpus() -> None:
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert "resources" not in pod["containers"][0]
     assert {"name": "data", "emptyDir": {}} in pod["volumes"]
+    # No storage: no preparation Job could hand its output over, so the trainer prepares.
+    assert not render.prepares(stored_run())
+    assert "--prepared" not in pod["containers"][0]["args"]
     assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
 
 
@@ -178,3 +183,89 @@ def test_stale_children_are_the_runs_own_under_other_names() -> None:
     left_behind = render.config_map(cluster_run(nodes=4))
     configs = [unowned, predecessors, render.config_map(run), left_behind]
     assert render.stale_children(run, configs) == [left_behind]
+
+
+def test_preparation_job_runs_chatflow_prepare_on_the_runs_volume_and_cpus() -> None:
+    run = cluster_run(data=run_document()["spec"]["data"] | {"preparation": {"workers": 6}})
+    assert render.prepares(run)
+    prep = render.preparation_job(run)
+    name = render.job_name(run)
+    assert (prep["apiVersion"], prep["kind"]) == ("batch/v1", "Job")
+    assert prep["metadata"]["name"] == render.preparation_job_name(run) == f"{name}-prep"
+    assert (
+        prep["metadata"]["ownerReferences"]
+        == render.pytorch_job(run)["metadata"]["ownerReferences"]
+    )
+    labels = prep["metadata"]["labels"]
+    assert labels["chatflow.io/run"] == "test"
+    assert labels["app.kubernetes.io/component"] == "preparation"
+    assert "kueue.x-k8s.io/queue-name" not in labels  # the queue admits the GPU job
+    spec = prep["spec"]
+    assert spec["suspend"] is False and spec["backoffLimit"] == 3
+    assert "completionMode" not in spec and "parallelism" not in spec  # one pod
+    rules = {
+        (rule["action"], *rule["onExitCodes"]["values"])
+        for rule in spec["podFailurePolicy"]["rules"]
+        if "onExitCodes" in rule
+    }
+    assert rules == {("FailJob", 2), ("Ignore", 143)}
+
+    template = spec["template"]
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "preparation"
+    pod = template["spec"]
+    trainer = render.pytorch_job(run)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"] == trainer["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    # Any node that tolerates it: the trainers' nodeSelector and affinity pick GPU nodes.
+    assert pod["tolerations"] == trainer["tolerations"]
+    assert pod["priorityClassName"] == "training"
+    assert "nodeSelector" not in pod and "affinity" not in pod
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes == {
+        "config": {"name": "config", "configMap": {"name": name}},
+        "data": {"name": "data", "persistentVolumeClaim": {"claimName": "llm-data"}},
+    }
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/trainer:1"
+    assert container["command"] == ["chatflow", "prepare"]
+    assert container["args"] == [
+        "-f", "/etc/chatflow/run.yaml",
+        "--cache-dir", "/mnt/llm/cache",
+        "--output", "/mnt/llm/runs/test",
+        "--workers", "6",
+        "--metrics-port", "9400",
+    ]  # fmt: skip
+    assert container["env"] == trainer["containers"][0]["env"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400}]
+    assert {"name": "data", "mountPath": "/mnt/llm"} in container["volumeMounts"]
+    assert container["resources"] == {
+        "requests": {"cpu": 6, "memory": "12Gi"},
+        "limits": {"cpu": 6, "memory": "12Gi"},
+    }
+    assert not any("nvidia.com/gpu" in r for r in container["resources"].values())
+
+
+def test_preparation_resources_as_set_and_suspend_with_the_run() -> None:
+    resources = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    data = run_document()["spec"]["data"] | {"preparation": {"resources": resources}}
+    prep = render.preparation_job(cluster_run(data=data))
+    (container,) = prep["spec"]["template"]["spec"]["containers"]
+    assert container["resources"] == resources
+
+    running = render.preparation_job(cluster_run())
+    assert render.suspend_patch(cluster_run(), running) is None
+    assert render.suspend_patch(cluster_run(suspend=True), running) == {"spec": {"suspend": True}}
+    suspended = render.preparation_job(cluster_run(suspend=True))
+    assert suspended["spec"]["suspend"] is True
+    assert suspended["metadata"]["name"] == running["metadata"]["name"]  # suspend is in place
+    assert render.suspend_patch(cluster_run(), suspended) == {"spec": {"suspend": False}}
+
+
+def test_stale_preparation_jobs_are_those_of_other_specs() -> None:
+    run, earlier = cluster_run(nodes=3), cluster_run(nodes=2)
+    preps = [render.preparation_job(earlier), render.preparation_job(run)]
+    current = render.preparation_job_name(run)
+    assert render.stale_children(run, preps, current) == [preps[0]]
+    # Suspending changes neither name.
+    assert render.stale_children(cluster_run(nodes=3, suspend=True), preps, current) == [preps[0]]

@@ -6,6 +6,7 @@ and its global sample sequence. fp32 keeps the comparison exact (bf16 would add 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -246,14 +247,99 @@ def test_resume_on_one_process_continues_the_sequence(reference, manifests, tmp_
         assert math.isclose(got[step], expected[step], rel_tol=1e-4), step
 
 
-def test_zero3_trains_and_saves_a_loadable_model(manifests, tmp_path, cache_dir) -> None:
+@pytest.fixture(scope="module")
+def zero3_reference(manifests, tmp_path_factory, cache_dir: Path) -> Path:
+    """An uninterrupted ZeRO-3 run: the model partitioned from the moment it is loaded."""
+    run = start(
+        manifests("zero3", zeroStage=3, maxSteps=12), tmp_path_factory.mktemp("z3"), cache_dir
+    )
+    assert run.wait() == 0, run.stderr()
+    return run.output
+
+
+def test_zero3_trains_and_saves_a_loadable_model(zero3_reference: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    run = start(manifests("zero3", zeroStage=3, maxSteps=12), tmp_path / "out", cache_dir)
-    assert run.wait() == 0, run.stderr()
-    curve = losses(run.output)
+    curve = losses(zero3_reference)
     assert curve[12] < curve[1] - 0.5, curve
-    assert AutoModelForCausalLM.from_pretrained(run.output / "model").config.vocab_size == 34000
+    model = AutoModelForCausalLM.from_pretrained(zero3_reference / "model")
+    assert model.config.vocab_size == 34000
+
+
+def test_zero3_resumes_and_reproduces_the_run(
+    zero3_reference: Path, manifests, tmp_path, cache_dir
+) -> None:
+    manifest = manifests("zero3-sigterm", zeroStage=3, maxSteps=12)
+    run = start(manifest, tmp_path / "out", cache_dir)
+    run.wait_for_step(5)
+    run.signal(signal.SIGTERM)
+    assert run.wait() != 0
+    assert max(losses(run.output)) < 12
+    resumed = start(manifest, run.output, cache_dir)
+    assert resumed.wait() == 0, resumed.stderr()
+    assert "resumed" in resumed.stderr()
+    assert losses(run.output) == losses(zero3_reference)
+    assert samples(run.output) == samples(zero3_reference)
+
+
+# Run by torchrun on 2 ranks: the run's model loaded partitioned (ZeRO-3), its vocabulary extended,
+# and the rows of the new tokens gathered and written by rank 0.
+NEW_ROWS_UNDER_ZERO3 = """
+import json, sys
+from pathlib import Path
+import deepspeed
+from chatflow.data.pipeline import load_tokenizer
+from chatflow.spec import load_run
+from chatflow.train import distributed, model
+from chatflow.train.deepspeed_config import deepspeed_config
+
+manifest = Path(sys.argv[1])
+run = load_run(manifest)
+place = distributed.init()
+_, new_tokens = load_tokenizer(run.spec, manifest.parent)
+config = deepspeed_config(run.spec.training, place.world_size, "fp32")
+loaded = model.load_model(run, manifest.parent, new_tokens, config)
+weights = [loaded.get_input_embeddings().weight, loaded.get_output_embeddings().weight]
+assert all(w.numel() == 0 for w in weights)  # partitioned: no rank holds the whole matrix
+ids = [t.id for t in new_tokens]
+with deepspeed.zero.GatheredParameters(weights):
+    rows = [w[ids].tolist() for w in weights] + [w[:100].tolist() for w in weights]
+if place.is_main:
+    Path(sys.argv[2]).write_text(json.dumps(rows))
+"""
+
+
+def test_zero3_vocabulary_extension_gives_the_rows_it_gives_unpartitioned(
+    manifests, tmp_path: Path, cache_dir: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatflow.data.pipeline import load_tokenizer
+    from chatflow.spec import load_run
+    from chatflow.vocab import extend_embeddings
+
+    manifest = manifests("zero3-vocab", zeroStage=3)
+    script, out = tmp_path / "rows.py", tmp_path / "rows.json"
+    script.write_text(NEW_ROWS_UNDER_ZERO3)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*command, str(script), str(manifest), str(out)], capture_output=True, text=True, env=_env()
+    )
+    assert done.returncode == 0, done.stderr
+    partitioned = [torch.tensor(rows) for rows in json.loads(out.read_text())]
+
+    run = load_run(manifest)
+    _, new_tokens = load_tokenizer(run.spec, manifest.parent)
+    whole = AutoModelForCausalLM.from_pretrained(
+        manifest.parent / run.spec.model.base, dtype=torch.float32
+    )
+    extend_embeddings(whole, new_tokens)
+    ids = [t.id for t in new_tokens]
+    weights = [whole.get_input_embeddings().weight, whole.get_output_embeddings().weight]
+    expected = [w[ids] for w in weights] + [w[:100] for w in weights]
+    for got, want in zip(partitioned, expected, strict=True):
+        assert torch.equal(got, want.detach())
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@
 
 What triggers a reconcile of a run:
 - the run itself: created, changed (spec or labels), or found when the operator starts;
-- any event of one of its PyTorchJobs or ConfigMaps (status changes, deletion);
-- a timer while the job runs, which also reads the trainer's progress.
+- any event of one of its PyTorchJobs, preparation Jobs or ConfigMaps (status changes, deletion);
+- a timer while the data is prepared or the job runs, which also reads their progress.
 
 kopf keeps its bookkeeping in memory (see bookkeeping.py), not in annotations or the status.
 """
@@ -25,6 +25,7 @@ from chatflow_operator.reconcile import ChildConflict, Reconciler
 
 RUNS = (API_GROUP, "v1alpha1", "chatflowruns")
 JOBS = ("kubeflow.org", "v1", "pytorchjobs")
+BATCH_JOBS = ("batch", "v1", "jobs")  # the data preparation
 CONFIG_MAPS = ("v1", "configmaps")
 CHILD = {render.RUN_LABEL: kopf.PRESENT}
 # Handlers are synchronous (blocking HTTP) and run in a pool of this many threads.
@@ -64,7 +65,7 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
         # 200 runs created at once should not queue behind a handful of threads.
         settings.execution.max_workers = WORKERS
         # Only our children: the API server filters the watch streams, not this process.
-        for resource in (JOBS, CONFIG_MAPS):
+        for resource in (JOBS, BATCH_JOBS, CONFIG_MAPS):
             settings.watching.label_selectors[resource] = render.RUN_LABEL
         memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event)
 
@@ -77,9 +78,10 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
             memo.reconciler.reconcile(dict(body))
 
     def running(status: kopf.Status, **_: Any) -> bool:
-        return status.get("phase") == "Running"
+        return status.get("phase") in ("Preparing", "Running")
 
-    # A timer holds a finalizer on the run while it matches, so only running runs carry one.
+    # A timer holds a finalizer on the run while it matches, so only running runs (or runs
+    # preparing their data) carry one.
     @kopf.timer(
         *RUNS,
         id="progress",
@@ -94,6 +96,7 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
 
     # Our own creations (ADDED) need no second look; status changes and deletions do.
     @kopf.on.event(*JOBS, labels=CHILD, registry=registry)
+    @kopf.on.event(*BATCH_JOBS, labels=CHILD, registry=registry)
     def job_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type in ("MODIFIED", "DELETED"):
             with reconciling("child"):

@@ -1,8 +1,8 @@
 """The few Kubernetes API calls the operator makes, as plain dicts in and out.
 
 One generic REST helper instead of the generated typed clients: every object the operator touches
-(runs, PyTorchJobs, ConfigMaps, pods) is handled the same way, as JSON, and nothing is converted
-into model classes and back.
+(runs, PyTorchJobs, batch Jobs, ConfigMaps, pods) is handled the same way, as JSON, and nothing is
+converted into model classes and back.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Resource:
 
 RUNS = Resource(f"/apis/{API_GROUP}/v1alpha1", "chatflowruns")
 JOBS = Resource("/apis/kubeflow.org/v1", "pytorchjobs")
+BATCH_JOBS = Resource("/apis/batch/v1", "jobs")  # the data preparation
 CONFIG_MAPS = Resource("/api/v1", "configmaps")
 PODS = Resource("/api/v1", "pods")
 

@@ -1,9 +1,8 @@
-"""The operator's own Prometheus metrics (its trainers export theirs).
+"""The operator's own Prometheus metrics (its trainers export theirs; names in metric_names.py).
 
-`chatflow_operator_reconciles_total{trigger}`, `chatflow_operator_reconcile_errors_total{trigger}`,
-`chatflow_operator_reconcile_duration_seconds{trigger}` and `chatflow_operator_runs{phase}`: the
-runs it watches, by phase. Triggers are `run` (spec or startup), `child` (a job or ConfigMap
-changed) and `progress` (the timer that reads a running trainer's metrics).
+Reconcile passes, errors and durations by trigger, and the runs it watches by phase. Triggers are
+`run` (spec or startup), `child` (a job or ConfigMap changed) and `progress` (the timer that reads a
+running trainer's metrics).
 """
 
 from __future__ import annotations
@@ -15,18 +14,13 @@ from contextlib import contextmanager
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from chatflow import metric_names as names
 from chatflow.spec import Phase
 
-RECONCILES = Counter(
-    "chatflow_operator_reconciles_total", "reconcile passes, by trigger", ["trigger"]
-)
-ERRORS = Counter(
-    "chatflow_operator_reconcile_errors_total", "reconcile passes that failed", ["trigger"]
-)
-DURATION = Histogram(
-    "chatflow_operator_reconcile_duration_seconds", "time of one reconcile pass", ["trigger"]
-)
-RUNS = Gauge("chatflow_operator_runs", "ChatFlowRuns watched, by phase", ["phase"])
+RECONCILES = Counter(names.OPERATOR_RECONCILES, "reconcile passes, by trigger", ["trigger"])
+ERRORS = Counter(names.OPERATOR_RECONCILE_ERRORS, "reconcile passes that failed", ["trigger"])
+DURATION = Histogram(names.OPERATOR_RECONCILE_DURATION, "time of one reconcile pass", ["trigger"])
+RUNS = Gauge(names.OPERATOR_RUNS, "ChatFlowRuns watched, by phase", ["phase"])
 TRIGGERS = ("run", "child", "progress")
 
 # Every series exists from the start, at 0: rate() and alerts need no `or vector(0)`.

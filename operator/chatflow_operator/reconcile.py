@@ -18,7 +18,16 @@ from typing import Any
 
 from chatflow.spec import ChatFlowRun, MixtureProgress
 from chatflow_operator import render, status
-from chatflow_operator.kube import CONFIG_MAPS, JOBS, PODS, RUNS, Conflict, Kube
+from chatflow_operator.kube import (
+    BATCH_JOBS,
+    CONFIG_MAPS,
+    JOBS,
+    PODS,
+    RUNS,
+    Conflict,
+    Kube,
+    Resource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +87,8 @@ class Reconciler:
     def reconcile(self, run: dict[str, Any], *, scrape: bool = False) -> dict[str, Any]:
         """Converge and write the status; returns it.
 
-        Every pass lists the run's jobs and ConfigMaps; `scrape` reads a running trainer's progress.
+        Every pass lists the run's jobs and ConfigMaps; `scrape` reads a running trainer's, or a
+        running preparation's, progress.
         """
         if run["metadata"].get("deletionTimestamp"):
             # Going: the garbage collector takes the children, or (--cascade=orphan) frees them,
@@ -124,6 +134,7 @@ class Reconciler:
 
         jobs = self.kube.list(JOBS, namespace, selector)
         config_maps = self.kube.list(CONFIG_MAPS, namespace, selector)
+        preparations = self.kube.list(BATCH_JOBS, namespace, selector)
         # Every pass deletes all that the current spec does not name, not just what the pass that
         # saw a spec change replaced: a pass killed between its writes, or a ConfigMap made for a
         # spec that changed again before its job was created, leaves children no later spec names.
@@ -141,6 +152,12 @@ class Reconciler:
         for stale in render.stale_children(run, config_maps):
             if not _deleting(stale):
                 self.kube.delete(CONFIG_MAPS, namespace, stale["metadata"]["name"])
+        # A stale preparation only writes cache entries, each renamed into place when complete, so
+        # the next one need not wait for its pod to go.
+        preparing = render.preparation_job_name(run)
+        for stale in render.stale_children(run, preparations, preparing):
+            if not _deleting(stale):
+                self.kube.delete(BATCH_JOBS, namespace, stale["metadata"]["name"])
         if replacing:
             return status.run_status(
                 run, want, None, replacing=replacing, restarts=restarts, now=now()
@@ -156,9 +173,22 @@ class Reconciler:
             self._ensure(run, render.config_map(run), CONFIG_MAPS)
             if current is not None:
                 self.post_event(run, "Normal", "Created", f"re-created ConfigMap {want}")
+        # With storage the data is prepared before the job starts; once the job exists, that is
+        # done (a preparation Job deleted after, say by hand, is not run again).
+        prepared = None
+        if current is None and render.prepares(run):
+            preparation = self._prepare(run, _named(preparations, preparing))
+            if status.preparation_phase(preparation) != "Succeeded":
+                return self._preparing_status(run, want, preparation, restarts, scrape)
+            prepared = status.prepared(old, now())
         if current is None:
             current = self._ensure(run, render.pytorch_job(run), JOBS)
-            self.post_event(run, "Normal", "Created", f"created ConfigMap and PyTorchJob {want}")
+            made = (
+                f"PyTorchJob {want} (Job {preparing} prepared the data)"
+                if render.prepares(run)
+                else f"ConfigMap and PyTorchJob {want}"
+            )
+            self.post_event(run, "Normal", "Created", f"created {made}")
         else:
             current = self._adopt(run, current, JOBS)
             policy = render.run_policy_patch(run, current)
@@ -168,7 +198,12 @@ class Reconciler:
         progress, trainer_error = None, None
         phase = status.job_phase(current)
         if scrape and phase == "Running":
-            progress = self._scrape(run, want)
+            typed = ChatFlowRun.model_validate(run)
+            text = self._metrics(run, _master(want))
+            if text is not None:
+                progress = status.progress_from_metrics(
+                    text, typed.spec.training.total_samples, now()
+                )
         if phase == "Failed":
             trainer_error = status.trainer_error(self.kube.list(PODS, namespace, _master(want)))
         elif phase == "Succeeded" and old.get("phase") != "Succeeded":
@@ -180,11 +215,11 @@ class Reconciler:
                 now(),
             )
         return status.run_status(
-            run, want, current, restarts=restarts, progress=progress,
+            run, want, current, restarts=restarts, progress=progress, preparation=prepared,
             trainer_error=trainer_error, now=now(),
         )  # fmt: skip
 
-    def _ensure(self, run: dict[str, Any], child: dict[str, Any], kind: Any) -> dict[str, Any]:
+    def _ensure(self, run: dict[str, Any], child: dict[str, Any], kind: Resource) -> dict[str, Any]:
         """Create `child`, or adopt the one of that name that is already there."""
         meta = child["metadata"]
         try:
@@ -196,7 +231,7 @@ class Reconciler:
             return self._adopt(run, existing, kind)
         return created
 
-    def _adopt(self, run: dict[str, Any], child: dict[str, Any], kind: Any) -> dict[str, Any]:
+    def _adopt(self, run: dict[str, Any], child: dict[str, Any], kind: Resource) -> dict[str, Any]:
         """Make an existing child of the expected name the run's (e.g. one orphaned earlier)."""
         if render.owned_by(child, run):
             return child
@@ -207,7 +242,7 @@ class Reconciler:
             # collection took the old run's children: the retry finds the name free.
             owner = others[0]
             raise ChildConflict(
-                f"{child['kind']} {meta['name']} belongs to {owner['kind']} {owner['name']} "
+                f"{kind.plural}/{meta['name']} belongs to {owner['kind']} {owner['name']} "
                 f"(uid {owner['uid']}); retrying until it is garbage-collected or removed"
             )
         adopted = self.kube.patch(
@@ -220,20 +255,62 @@ class Reconciler:
                         *(meta.get("ownerReferences") or []),
                         render.owner_reference(run),
                     ],
-                    "labels": render.labels(run["metadata"]["name"]),
+                    # What every pass lists the run's children by.
+                    "labels": {render.RUN_LABEL: run["metadata"]["name"]},
                 }
             },
         )
-        self.post_event(run, "Normal", "Adopted", f"adopted {child['kind']} {meta['name']}")
+        # The patch's answer names its kind; the items of a list of ConfigMaps or Jobs do not.
+        self.post_event(run, "Normal", "Adopted", f"adopted {adopted['kind']} {meta['name']}")
         return adopted
 
-    def _scrape(self, run: dict[str, Any], job: str) -> MixtureProgress | None:
-        """Read rank 0's metrics from the job's master pod; None if they cannot be had now."""
-        typed = ChatFlowRun.model_validate(run)
-        port = typed.spec.training.metrics_port
-        pods = self.kube.list(PODS, run["metadata"]["namespace"], _master(job))
+    def _prepare(self, run: dict[str, Any], job: dict[str, Any] | None) -> dict[str, Any]:
+        """The preparation Job of the current spec, created, or adopted and suspended or resumed
+        with the run."""
+        name = render.preparation_job_name(run)
+        if job is None:
+            job = self._ensure(run, render.preparation_job(run), BATCH_JOBS)
+            self.post_event(run, "Normal", "Created", f"created ConfigMap and Job {name}")
+            return job
+        job = self._adopt(run, job, BATCH_JOBS)
+        suspend = render.suspend_patch(run, job)
+        if suspend:
+            job = self.kube.patch(BATCH_JOBS, run["metadata"]["namespace"], name, suspend)
+        return job
+
+    def _preparing_status(
+        self,
+        run: dict[str, Any],
+        want: str,
+        preparation: dict[str, Any],
+        restarts: int,
+        scrape: bool,
+    ) -> dict[str, Any]:
+        """The status while the data is prepared: its progress read from the pod's metrics, or
+        when it failed, the error the pod ended with."""
+        namespace, name = run["metadata"]["namespace"], preparation["metadata"]["name"]
+        phase = status.preparation_phase(preparation)
+        progress, error = None, None
+        if scrape and phase == "Preparing":
+            text = self._metrics(run, _preparation_pod(name))
+            if text is not None:
+                progress = status.preparation_from_metrics(text, now())
+        if phase == "Failed":
+            error = status.trainer_error(self.kube.list(PODS, namespace, _preparation_pod(name)))
+        return status.run_status(
+            run, want, None, preparing=preparation, restarts=restarts, preparation=progress,
+            trainer_error=error, now=now(),
+        )  # fmt: skip
+
+    def _metrics(self, run: dict[str, Any], pods: str) -> str | None:
+        """The /metrics page on the run's metricsPort of the first running pod that `pods`
+        selects; None if it cannot be had now."""
+        port = ChatFlowRun.model_validate(run).spec.training.metrics_port
+        found = self.kube.list(PODS, run["metadata"]["namespace"], pods)
+        # A replaced pod may linger beside its successor, with the IP it had.
+        found.sort(key=lambda p: p.get("status", {}).get("phase") != "Running")
         ip = next(
-            (p.get("status", {}).get("podIP") for p in pods if p.get("status", {}).get("podIP")),
+            (p.get("status", {}).get("podIP") for p in found if p.get("status", {}).get("podIP")),
             None,
         )
         if not port or not ip:
@@ -242,13 +319,17 @@ class Reconciler:
             with urllib.request.urlopen(
                 f"http://{ip}:{port}/metrics", timeout=SCRAPE_TIMEOUT_SECONDS
             ) as response:
-                text = response.read().decode()
+                return response.read().decode()
         except OSError as e:
-            log.debug("cannot read the trainer's metrics at %s:%s: %s", ip, port, e)
+            log.debug("cannot read the metrics at %s:%s: %s", ip, port, e)
             return None
-        return status.progress_from_metrics(text, typed.spec.training.total_samples, now())
 
 
 def _master(job: str) -> str:
     """The label selector of the job's rank-0 pod (the training operator's labels)."""
     return f"training.kubeflow.org/job-name={job},training.kubeflow.org/job-role=master"
+
+
+def _preparation_pod(job: str) -> str:
+    """The label selector of the preparation Job's pods (the Job controller's label)."""
+    return f"batch.kubernetes.io/job-name={job}"

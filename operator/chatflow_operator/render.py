@@ -1,4 +1,5 @@
-"""ChatFlowRun -> the objects that run it: a ConfigMap (the trainer's manifest) and a PyTorchJob.
+"""ChatFlowRun -> the objects that run it: a ConfigMap (the trainer's manifest), a PyTorchJob and,
+with storage, the batch Job that prepares the data before it.
 
 Pure functions of the run; the handlers create, compare and delete what these return.
 
@@ -21,6 +22,7 @@ from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun, RunPolic
 JOB_API_VERSION = "kubeflow.org/v1"
 JOB_KIND = "PyTorchJob"
 CONTAINER = "pytorch"  # the training operator requires this name
+PREPARATION_CONTAINER = "prepare"
 MASTER_PORT = 23456  # the training operator's default, named `pytorchjob-port`
 
 RUN_LABEL = "chatflow.io/run"
@@ -43,6 +45,13 @@ TRAINER_UID = 65532
 # preemption). A 7B model under ZeRO-3 writes ~100 GB to a shared volume.
 TERMINATION_GRACE_SECONDS = 900
 
+# `chatflow prepare` exits 2 on bad input (a missing path, a bad tokenizer): permanent, so it fails
+# the Job at once, naming the field in its termination message; and 143 when stopped by SIGTERM
+# (preemption, suspend): resumable, a rerun redoes nothing finished, so it is not counted. Other
+# failures (out of memory, a lost node) are retried this many times.
+PREPARATION_BACKOFF_LIMIT = 3
+PREPARATION_MEMORY_PER_WORKER = 2  # GiB, the default when spec.data.preparation sets no resources
+
 
 def restart_digest(spec: dict[str, Any]) -> str:
     """A short stable hash of the spec fields a running job cannot take in place."""
@@ -56,11 +65,29 @@ def job_name(run: dict[str, Any]) -> str:
     return f"{run['metadata']['name']}-{restart_digest(run['spec'])}"
 
 
-def labels(run_name: str) -> dict[str, str]:
+def preparation_job_name(run: dict[str, Any]) -> str:
+    """The name of the Job that prepares the data of the PyTorchJob `job_name(run)`.
+
+    One preparation per job, rather than a name of its own digest over the fields that decide the
+    data: those are most of the spec (model, data, schedule, training, image), a second list of
+    them could drift from what `chatflow prepare` reads, and a preparation that finds the cache
+    holding what the run needs ends as soon as it has checked.
+    """
+    return f"{job_name(run)}-prep"
+
+
+def prepares(run: dict[str, Any]) -> bool:
+    """Whether the data is prepared by a Job of its own before the PyTorchJob starts. Only with
+    storage: without it each pod's volume is an emptyDir of its own, which a preparation pod could
+    not hand over to the trainers, so the trainer prepares in place."""
+    return run["spec"].get("storage") is not None
+
+
+def labels(run_name: str, component: str = "trainer") -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "chatflow",
         "app.kubernetes.io/instance": run_name,
-        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": "chatflow-operator",
         RUN_LABEL: run_name,
     }
@@ -84,19 +111,22 @@ def owned_by(child: dict[str, Any], run: dict[str, Any]) -> bool:
     return any(o.get("uid") == run["metadata"]["uid"] and o.get("controller") for o in owners)
 
 
-def stale_children(run: dict[str, Any], children: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The run's children (of one kind) that its current spec no longer names: every one to
-    delete, whichever earlier spec or interrupted pass left it behind."""
-    current = job_name(run)
+def stale_children(
+    run: dict[str, Any], children: list[dict[str, Any]], current: str | None = None
+) -> list[dict[str, Any]]:
+    """The run's children (of one kind) that its current spec no longer names (`current`, by
+    default `job_name(run)`): every one to delete, whichever earlier spec or interrupted pass
+    left it behind."""
+    current = current or job_name(run)
     return [c for c in children if owned_by(c, run) and c["metadata"]["name"] != current]
 
 
-def _metadata(run: dict[str, Any]) -> dict[str, Any]:
+def _metadata(run: dict[str, Any], component: str = "trainer") -> dict[str, Any]:
     name = run["metadata"]["name"]
     return {
         "name": job_name(run),
         "namespace": run["metadata"]["namespace"],
-        "labels": labels(name),
+        "labels": labels(name, component),
         "annotations": {DIGEST_ANNOTATION: restart_digest(run["spec"])},
         "ownerReferences": [owner_reference(run)],
     }
@@ -134,55 +164,49 @@ def paths(run: ChatFlowRun) -> tuple[str, str]:
     return f"{mount}/runs/{run.metadata.name}", f"{mount}/cache"
 
 
-def _resources(run: ChatFlowRun) -> dict[str, Any]:
+def _resources(requests: dict[str, Any], limits: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _trainer_resources(run: ChatFlowRun) -> dict[str, Any]:
     requests = dict(run.spec.resources.requests)
     limits = dict(run.spec.resources.limits)
     if run.spec.gpus_per_node:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = run.spec.gpus_per_node
-    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+    return _resources(requests, limits)
 
 
-def _container(run: ChatFlowRun) -> dict[str, Any]:
-    output, cache = paths(run)
-    spec = run.spec
-    mount = spec.storage.mount_path if spec.storage else SCRATCH_MOUNT
-    ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}]
-    if spec.training.metrics_port:
-        ports.append({"name": "metrics", "containerPort": spec.training.metrics_port})
+def _env(run: ChatFlowRun) -> list[dict[str, Any]]:
+    _, cache = paths(run)
     env = [{"name": "HF_HOME", "value": f"{cache}/huggingface"}]
-    env += [e.model_dump(by_alias=True, exclude_none=True) for e in spec.env]
-    container = {
-        "name": CONTAINER,
-        "image": spec.image,
-        # torchrun takes nodes, rank, processes and the rendezvous from the PET_* variables the
-        # training operator injects; chatflow.train.torchrun gives its exit status the meaning
-        # the ExitCode restart policy needs (a preempted trainer restarts).
-        "command": ["python", "-m", "chatflow.train.torchrun", "-m", "chatflow.train"],
-        "args": ["--file", f"{CONFIG_DIR}/{CONFIG_FILE}", "--output", output, "--cache-dir", cache],
-        "env": env,
-        "ports": ports,
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "data", "mountPath": mount},
-            # NCCL and DataLoader workers share tensors through /dev/shm; a pod's default is 64 MiB.
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
-    }
-    resources = _resources(run)
-    if resources:
-        container["resources"] = resources
-    return container
+    return env + [e.model_dump(by_alias=True, exclude_none=True) for e in run.spec.env]
 
 
-def _pod_template(run: ChatFlowRun, config_name: str) -> dict[str, Any]:
-    spec = run.spec
-    data_volume: dict[str, Any] = (
-        {"persistentVolumeClaim": {"claimName": spec.storage.claim_name}}
-        if spec.storage
+def _mounts(run: ChatFlowRun) -> list[dict[str, Any]]:
+    """The run's manifest and its volume, where every pod of the run finds them."""
+    mount = run.spec.storage.mount_path if run.spec.storage else SCRATCH_MOUNT
+    return [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "data", "mountPath": mount},
+    ]
+
+
+def _volumes(run: ChatFlowRun, config_name: str) -> list[dict[str, Any]]:
+    storage = run.spec.storage
+    data: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": storage.claim_name}}
+        if storage
         else {"emptyDir": {}}
     )
-    pod: dict[str, Any] = {
-        # The trainer never calls the Kubernetes API.
+    return [
+        {"name": "config", "configMap": {"name": config_name}},
+        {"name": "data", **data},
+    ]
+
+
+def _pod_spec(containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        # Neither the trainer nor the preparation calls the Kubernetes API.
         "automountServiceAccountToken": False,
         "securityContext": {
             "runAsNonRoot": True,
@@ -190,14 +214,47 @@ def _pod_template(run: ChatFlowRun, config_name: str) -> dict[str, Any]:
             "runAsGroup": TRAINER_UID,
             "fsGroup": TRAINER_UID,
         },
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "containers": [_container(run)],
-        "volumes": [
-            {"name": "config", "configMap": {"name": config_name}},
-            {"name": "data", **data_volume},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        "containers": containers,
+        "volumes": volumes,
+    }
+
+
+def _container(run: ChatFlowRun, prepared: bool) -> dict[str, Any]:
+    output, cache = paths(run)
+    spec = run.spec
+    ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}]
+    if spec.training.metrics_port:
+        ports.append({"name": "metrics", "containerPort": spec.training.metrics_port})
+    args = ["--file", f"{CONFIG_DIR}/{CONFIG_FILE}", "--output", output, "--cache-dir", cache]
+    if prepared:  # by the preparation Job: the trainer only opens the cache
+        args.append("--prepared")
+    container = {
+        "name": CONTAINER,
+        "image": spec.image,
+        # torchrun takes nodes, rank, processes and the rendezvous from the PET_* variables the
+        # training operator injects; chatflow.train.torchrun gives its exit status the meaning
+        # the ExitCode restart policy needs (a preempted trainer restarts).
+        "command": ["python", "-m", "chatflow.train.torchrun", "-m", "chatflow.train"],
+        "args": args,
+        "env": _env(run),
+        "ports": ports,
+        "volumeMounts": [
+            *_mounts(run),
+            # NCCL and DataLoader workers share tensors through /dev/shm; a pod's default is 64 MiB.
+            {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+    resources = _trainer_resources(run)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _pod_template(run: ChatFlowRun, config_name: str, prepared: bool) -> dict[str, Any]:
+    spec = run.spec
+    volumes = [*_volumes(run, config_name), {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    pod = _pod_spec([_container(run, prepared)], volumes)
+    pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS
     scheduling = spec.scheduling.model_dump(by_alias=True, exclude_none=True)
     pod |= {key: value for key, value in scheduling.items() if value}
     return {"metadata": {"labels": labels(run.metadata.name)}, "spec": pod}
@@ -212,7 +269,7 @@ def pytorch_job(run: dict[str, Any]) -> dict[str, Any]:
     """The PyTorchJob: Master (node rank 0) plus nodes-1 Workers, one trainer per GPU."""
     typed = ChatFlowRun.model_validate(run)
     name = job_name(run)
-    template = _pod_template(typed, name)
+    template = _pod_template(typed, name, prepares(run))
     # Exit codes 1-127 fail the job for good (the trainer exits 2 on a bad manifest); 128-255
     # (SIGTERM's 143, SIGKILL's 137: preemption, node loss) restart the pod, which resumes.
     replica = {"restartPolicy": "ExitCode", "template": template}
@@ -242,3 +299,85 @@ def run_policy_patch(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]
     # A field removed from the run is removed from the job (null deletes in a merge patch).
     changed |= {key: None for key in have if key not in want and key in _RUN_POLICY_FIELDS}
     return {"spec": {"runPolicy": changed}} if changed else None
+
+
+def _preparation_resources(run: ChatFlowRun) -> dict[str, Any]:
+    """As the spec sets them; else a CPU and PREPARATION_MEMORY_PER_WORKER GiB per worker."""
+    preparation = run.spec.data.preparation
+    resources = _resources(preparation.resources.requests, preparation.resources.limits)
+    if resources:
+        return resources
+    workers = preparation.workers
+    default = {"cpu": workers, "memory": f"{workers * PREPARATION_MEMORY_PER_WORKER}Gi"}
+    return {"requests": default, "limits": dict(default)}
+
+
+def preparation_job(run: dict[str, Any]) -> dict[str, Any]:
+    """The batch/v1 Job that tokenizes and packs the sources into the volume's cache, only as far
+    as the rest of the run needs (it reads the newest checkpoint's position in the output
+    directory), before the PyTorchJob starts. Only for runs that `prepares()`.
+
+    One pod, not an Indexed Job: the shards are known only once the sources are read (the plan
+    bounds them), so they cannot be split among pods ahead of time; the pod's `workers` processes
+    take them as they free up. CPU only, and without the run's nodeSelector and affinity, which
+    choose the GPU nodes the trainers need; its tolerations and priority class still apply. Not in
+    the Kueue queue (`queueName`) either, which admits the GPU job.
+    """
+    typed = ChatFlowRun.model_validate(run)
+    spec = typed.spec
+    output, cache = paths(typed)
+    port = spec.training.metrics_port
+    args = [
+        "-f", f"{CONFIG_DIR}/{CONFIG_FILE}",
+        "--cache-dir", cache,
+        "--output", output,
+        "--workers", str(spec.data.preparation.workers),
+        "--metrics-port", str(port),
+    ]  # fmt: skip
+    container: dict[str, Any] = {
+        "name": PREPARATION_CONTAINER,
+        "image": spec.image,
+        "command": ["chatflow", "prepare"],
+        "args": args,
+        "env": _env(typed),
+        "volumeMounts": _mounts(typed),
+        "resources": _preparation_resources(typed),
+    }
+    if port:
+        container["ports"] = [{"name": "metrics", "containerPort": port}]
+    pod = _pod_spec([container], _volumes(typed, job_name(run)))
+    pod["restartPolicy"] = "Never"  # a failed pod is replaced, as podFailurePolicy requires
+    scheduling = spec.scheduling.model_dump(by_alias=True, exclude_none=True)
+    pod |= {
+        key: scheduling[key] for key in ("tolerations", "priorityClassName") if scheduling.get(key)
+    }
+    on_exit = {"containerName": PREPARATION_CONTAINER, "operator": "In"}
+    metadata = _metadata(run, "preparation")
+    metadata["name"] = preparation_job_name(run)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "suspend": bool(run["spec"].get("suspend", False)),
+            "backoffLimit": PREPARATION_BACKOFF_LIMIT,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "FailJob", "onExitCodes": on_exit | {"values": [2]}},
+                    {"action": "Ignore", "onExitCodes": on_exit | {"values": [143]}},
+                    # Evicted or preempted pods may be killed past their grace period (137).
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": {
+                "metadata": {"labels": labels(run["metadata"]["name"], "preparation")},
+                "spec": pod,
+            },
+        },
+    }
+
+
+def suspend_patch(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that suspends or resumes a preparation Job with the run, or None."""
+    suspend = bool(run["spec"].get("suspend", False))
+    return None if job["spec"].get("suspend", False) == suspend else {"spec": {"suspend": suspend}}

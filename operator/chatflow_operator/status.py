@@ -1,4 +1,5 @@
-"""A ChatFlowRun's status, computed from its PyTorchJob and its trainer's metrics. Pure functions.
+"""A ChatFlowRun's status, computed from its PyTorchJob and its trainer's metrics, or while the data
+is prepared, from the preparation Job and its metrics. Pure functions.
 
 Progress comes from rank 0's Prometheus endpoint, which the operator reads while the job runs,
 rather than from the trainer writing to the Kubernetes API: the trainer then needs no credentials
@@ -13,7 +14,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatflow.spec import ChatFlowRunStatus, Condition, MixtureProgress
+from chatflow import metric_names as names
+from chatflow.spec import ChatFlowRunStatus, Condition, MixtureProgress, PreparationProgress
 
 # The job's condition types, in the order that breaks ties between conditions set in the same
 # second: a finished job stays finished.
@@ -26,7 +28,10 @@ JOB_PHASES = {
     "Failed": "Failed",
 }
 TERMINAL = ("Succeeded", "Failed")
+# A batch Job's conditions as the phase of a run preparing its data, the first True one winning.
+BATCH_PHASES = {"Failed": "Failed", "Complete": "Succeeded", "Suspended": "Suspended"}
 TRAINER_ERROR = "TrainerError"  # the reason of a Failed condition that carries the trainer's error
+PREPARATION_FAILED = "PreparationFailed"  # the same, when the data preparation failed
 
 
 def _current_condition(job: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -44,6 +49,38 @@ def _current_condition(job: dict[str, Any] | None) -> dict[str, Any] | None:
 def job_phase(job: dict[str, Any] | None) -> str:
     condition = _current_condition(job)
     return JOB_PHASES[condition["type"]] if condition else "Pending"
+
+
+def preparation_phase(job: dict[str, Any]) -> str:
+    """The run's phase while its preparation Job is the current step: Preparing until the Job is
+    Complete (Succeeded) or Failed, Suspended while suspended."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    true = {c.get("type") for c in conditions if c.get("status") == "True"}
+    return next((phase for type, phase in BATCH_PHASES.items() if type in true), "Preparing")
+
+
+def _preparation_condition(job: dict[str, Any], error: str | None, generation: int) -> Condition:
+    """The one condition of a preparing run: Preparing, Suspended or Failed, dated by the Job."""
+    phase = preparation_phase(job)
+    name = job["metadata"]["name"]
+    conditions = (job.get("status") or {}).get("conditions") or []
+    current = next(
+        (c for c in conditions if c.get("status") == "True" and c.get("type") == phase), {}
+    )
+    reason, message = {
+        "Preparing": ("PreparationStarted", f"Job {name} prepares the data"),
+        "Suspended": ("PreparationSuspended", f"Job {name}, which prepares the data, is suspended"),
+        "Failed": (PREPARATION_FAILED, error or f"Job {name} failed: {current.get('message')}"),
+    }[phase]
+    return Condition(
+        type=phase,
+        status="True",
+        reason=reason,
+        message=message,
+        last_transition_time=current.get("lastTransitionTime")
+        or job["metadata"].get("creationTimestamp"),
+        observed_generation=generation,
+    )
 
 
 def _mirrored(job: dict[str, Any] | None, generation: int) -> list[Condition]:
@@ -66,20 +103,26 @@ def run_status(
     job_name: str,
     job: dict[str, Any] | None,
     *,
+    preparing: dict[str, Any] | None = None,
     replacing: str | None = None,
     restarts: int = 0,
     progress: MixtureProgress | None = None,
+    preparation: PreparationProgress | None = None,
     trainer_error: str | None = None,
     now: str,
 ) -> dict[str, Any]:
-    """The status to write: `job` is the current spec's job (None until it exists); `replacing`
-    names an outdated job still being deleted, during which the run is Restarting;
-    `trainer_error` is why a failed job's trainer gave up (see trainer_error())."""
+    """The status to write: `job` is the current spec's job (None until it exists); `preparing`
+    the Job that prepares its data, while that is the current step; `replacing` names an outdated
+    job still being deleted, during which the run is Restarting; `trainer_error` is why a failed
+    job's trainer, or the failed preparation, gave up (see trainer_error())."""
     old = ChatFlowRunStatus.model_validate(run.get("status") or {})
     generation = run["metadata"].get("generation", 0)
     conditions = _mirrored(job, generation)
     phase = job_phase(job)
-    if phase == "Failed":
+    if preparing is not None:
+        phase = preparation_phase(preparing)
+        conditions = [_preparation_condition(preparing, trainer_error, generation)]
+    elif phase == "Failed":
         # The job's condition names the replica that failed; the trainer's error says why. Once
         # read it is kept: the pods that held it may be deleted.
         kept = next((c.message for c in old.conditions if c.reason == TRAINER_ERROR), None)
@@ -112,6 +155,7 @@ def run_status(
         completion_time=job_status.get("completionTime"),
         conditions=conditions,
         progress=progress or old.progress,
+        preparation=preparation or old.preparation,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
 
@@ -165,6 +209,37 @@ def transition(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, st
     return new["phase"], f"{before or 'New'} -> {new['phase']}{detail}"
 
 
+def preparation_from_metrics(text: str, now: str) -> PreparationProgress | None:
+    """Parse the preparation pod's /metrics page, summed over sources; None until it has planned
+    its shards."""
+    fields = {
+        names.PREPARE_SHARDS_DONE: "shards_done",
+        names.PREPARE_SHARDS_TOTAL: "shards_total",
+        names.PREPARE_TOKENS: "tokens",
+        names.PREPARE_DOCUMENTS: "documents",
+    }
+    sums = dict.fromkeys(fields.values(), 0)
+    seen = set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in fields:
+                sums[fields[sample.name]] += int(sample.value)
+                seen.add(sample.name)
+    if names.PREPARE_SHARDS_TOTAL not in seen:
+        return None
+    return PreparationProgress(**sums, updated_at=now)
+
+
+def prepared(old: dict[str, Any], now: str) -> PreparationProgress | None:
+    """The old status' preparation progress, once the preparation has succeeded: it did every
+    shard, though its metrics were last read before the last ones (tokens and documents stay as
+    last read)."""
+    progress = ChatFlowRunStatus.model_validate(old).preparation
+    if progress is None:
+        return None
+    return progress.model_copy(update={"shards_done": progress.shards_total, "updated_at": now})
+
+
 def progress_from_metrics(text: str, total_samples: int, now: str) -> MixtureProgress | None:
     """Parse rank 0's /metrics page; None while the trainer has not reported a step yet."""
     values: dict[str, float] = {}
@@ -172,23 +247,23 @@ def progress_from_metrics(text: str, total_samples: int, now: str) -> MixturePro
     phase = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "chatflow_mixture_target_ratio":
+            if sample.name == names.MIXTURE_TARGET:
                 weights[sample.labels["source"]] = sample.value
-            elif sample.name == "chatflow_schedule_phase_info" and sample.value == 1:
+            elif sample.name == names.SCHEDULE_PHASE_INFO and sample.value == 1:
                 phase = sample.labels["phase"]
             else:
                 values[sample.name] = sample.value
-    if "chatflow_step" not in values:
+    if names.STEP not in values:
         return None
-    checkpoint = values.get("chatflow_last_checkpoint_step")
-    samples = int(values.get("chatflow_samples_total", 0))
+    checkpoint = values.get(names.LAST_CHECKPOINT_STEP)
+    samples = int(values.get(names.SAMPLES, 0))
     return MixtureProgress(
         fraction=min(1.0, samples / total_samples),
-        schedule_fraction=values.get("chatflow_schedule_progress_ratio", 0.0),
+        schedule_fraction=values.get(names.SCHEDULE_PROGRESS, 0.0),
         schedule_phase=phase,
-        step=int(values["chatflow_step"]),
+        step=int(values[names.STEP]),
         samples=samples,
-        tokens=int(values.get("chatflow_tokens_total", 0)),
+        tokens=int(values.get(names.TOKENS, 0)),
         target_weights=weights,
         last_checkpoint_step=None if checkpoint is None else int(checkpoint),
         updated_at=now,

@@ -93,6 +93,21 @@ def _parser() -> argparse.ArgumentParser:
         "--log-samples", action="store_true", help="record each rank's global sample indices"
     )
 
+    prepare = command(
+        "prepare", _prepare_command, "tokenize and pack the data the run needs, in parallel"
+    )
+    prepare.add_argument(
+        "--workers", type=int, help="worker processes (default: spec.data.preparation.workers)"
+    )
+    prepare.add_argument(
+        "--output",
+        type=Path,
+        help="the run's output (runs/<name>): prepare from its newest checkpoint's position",
+    )
+    prepare.add_argument(
+        "--metrics-port", type=int, help="serve the chatflow_prepare_* metrics on this port"
+    )
+
     sample = command("sample", _sample, "show the source of each global sample index")
     sample.add_argument("--start", type=int, default=0, help="first global sample index")
     sample.add_argument("--count", type=int, default=20, help="how many samples")
@@ -156,7 +171,8 @@ def _schedule(args: argparse.Namespace) -> int:
     available = max_epochs = None
     if not args.no_data:
         packed = _prepare(run, args)
-        available = [p.num_blocks for p in packed]
+        # A source prepared only as far as the run needs has no known size: it does not repeat.
+        available = [p.num_blocks if p.complete else None for p in packed]
         max_epochs = [s.max_epochs for s in run.spec.data.sources]
     result = survey(sampler, total, available, max_epochs)
     rows = _table_rows(schedule, total, args.rows)
@@ -188,6 +204,44 @@ def _train(args: argparse.Namespace) -> int:
     processes = args.nproc or torch.cuda.device_count() or 2
     output = args.output or Path("runs") / run.metadata.name
     return launch(args.file, run, output, args.cache_dir, processes, args.log_samples)
+
+
+def _prepare_command(args: argparse.Namespace) -> int:
+    import logging
+    from concurrent.futures.process import BrokenProcessPool
+
+    from chatflow.data.pipeline import load_tokenizer, prepare_sources
+    from chatflow.data.prepare import checkpoint_position
+    from chatflow.data.progress import Progress
+    from chatflow.termination import termination_message
+
+    logging.basicConfig(format="chatflow: %(levelname)s: %(message)s")
+    if args.workers is not None and args.workers < 1:
+        raise SpecError(f"--workers: {args.workers} is not a positive number of processes")
+    run = load_run(args.file)
+    output = args.output or Path("runs") / run.metadata.name
+    try:
+        tokenizer, _ = load_tokenizer(run.spec, args.file.parent)
+        position = checkpoint_position(run.spec, output)
+        progress = Progress(run.metadata.name, metrics_port=args.metrics_port)
+        prepare_sources(
+            run.spec,
+            args.file.parent,
+            args.cache_dir,
+            tokenizer,
+            position=position,
+            workers=args.workers,
+            progress=progress,
+        )
+    except SpecError as e:
+        termination_message(str(e))  # in a pod, the operator shows it in the run's condition
+        raise
+    except BrokenProcessPool:
+        problem = "a worker process died (killed, or out of memory?); run again to resume"
+        termination_message(problem)
+        print(f"chatflow: error: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

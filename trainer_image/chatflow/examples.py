@@ -21,6 +21,8 @@ import platform
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import unicodedata
 import warnings
@@ -268,7 +270,18 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 
 def _stdlib_docs() -> list[str]:
-    """Distinct long docstrings, in module order and then by member name."""
+    """Distinct long docstrings, in module order and then by member name.
+
+    Collected in a fresh interpreter: what a module's namespace holds depends on what the process
+    imported before (`concurrent.futures` gains `ProcessPoolExecutor` once anything imports it),
+    and the build must not.
+    """
+    code = "import json, sys; from chatflow.examples import _docs; json.dump(_docs(), sys.stdout)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    return json.loads(found.stdout)
+
+
+def _docs() -> list[str]:
     docs: dict[str, None] = {}
     with warnings.catch_warnings():
         # Deprecated modules and aliases (typing.io, ...) warn when imported or touched.

@@ -18,7 +18,7 @@ from chatflow.sampler import CHUNK, MixtureSampler, Position
 class SourceUsage:
     name: str
     planned: int  # samples the run takes from it
-    available: int | None  # its packed samples (one epoch); None when the data was not read
+    available: int | None  # its packed samples (one epoch); None when not read, or read in part
     max_epochs: float | None
     exhausted_at: int | None  # global sample at which it would pass maxEpochs, if it does
 
@@ -51,7 +51,7 @@ class Survey:
 def survey(
     sampler: MixtureSampler,
     total: int,
-    available: list[int] | None = None,
+    available: list[int | None] | None = None,
     max_epochs: list[float | None] | None = None,
     windows: int = 100,
     min_window: int = 64,
@@ -65,7 +65,10 @@ def survey(
     limits = np.full(k, np.inf)
     if available is not None and max_epochs is not None:
         limits = np.array(
-            [np.inf if m is None else m * a for a, m in zip(available, max_epochs, strict=True)]
+            [
+                np.inf if m is None or a is None else m * a
+                for a, m in zip(available, max_epochs, strict=True)
+            ]
         )
     window = max(total // windows, min_window)
     counts = np.zeros((-(-total // window), k), dtype=np.int64)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from chatflow import history
 from chatflow.observability import queries as q
 from chatflow.observability.prometheus import query_range
 from chatflow.spec import SpecError
@@ -63,23 +64,9 @@ class RunData:
 
 
 def from_history(path: Path, run: str | None = None) -> RunData:
-    """The run as its trainer logged it. A resumed run logs again the steps after its last
-    checkpoint; the later record of a step is the one that counted."""
-    steps: dict[int, dict[str, Any]] = {}
-    evals: dict[int, dict[str, float]] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise SpecError(f"--history: cannot read {path}: {e.strerror}") from None
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise SpecError(f"--history: {path}:{number}: not a JSON record") from None
-        if record.get("event") == "step":
-            steps[record["step"]] = record
-        elif record.get("event") == "eval":
-            evals[record["step"]] = record["loss"]
+    """The run as its trainer recorded it (`chatflow.history`)."""
+    recorded = history.read(path)
+    steps, evals = recorded.steps, recorded.evals
     if not steps:
         raise SpecError(f"--history: {path} has no step records")
     records = [steps[s] for s in sorted(steps)]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from chatflow import __version__
+from chatflow.metric_names import PRECISION_INFO
 
 API_GROUP = "chatflow.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -249,6 +250,53 @@ class SourceSpec(_Spec):
         return "-".join(self.languages) if self.languages else str(self.language)
 
 
+GPU_RESOURCE = "nvidia.com/gpu"
+Quantity = Annotated[int | str, Field(description="a Kubernetes quantity such as 8, 500m, 64Gi")]
+
+
+class Resources(_Spec):
+    """Per-node (per pod) CPU, memory and other resources; GPUs come from `gpusPerNode`."""
+
+    model_config = cel(
+        *(
+            (
+                kind,
+                f"!has(self.{kind}) || !('{GPU_RESOURCE}' in self.{kind})",
+                "set gpusPerNode instead",
+            )
+            for kind in ("requests", "limits")
+        )
+    )
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="e.g. cpu: 32, memory: 512Gi"
+    )
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. memory: 1Ti")
+
+    @model_validator(mode="after")
+    def _no_gpus(self) -> Resources:
+        for kind in ("requests", "limits"):
+            if GPU_RESOURCE in getattr(self, kind):
+                raise FieldError(kind, "set gpusPerNode instead")
+        return self
+
+
+class Preparation(_Spec):
+    """Tokenizing and packing the sources, before training, only as far as the run needs.
+
+    On Kubernetes it is a Job of its own (CPU pods on the run's volume) that runs before the
+    training job; `chatflow train` does it in place. See docs/data.md.
+    """
+
+    workers: int = Field(
+        2, ge=1, le=256, description="processes that tokenize and pack in parallel (one CPU each)"
+    )
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="the preparation pod's resources; default: cpu and 2Gi of memory per worker",
+    )
+
+
 class DataSpec(_Spec):
     """The corpora the dynamic sampler draws from."""
 
@@ -259,6 +307,7 @@ class DataSpec(_Spec):
         # A list keyed by name: the API server itself rejects a duplicate name.
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
+    preparation: Preparation = Preparation()
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataSpec:
@@ -472,10 +521,25 @@ class TrainingSpec(_Spec):
             "bf16 (mixed precision), fp32, or auto: bf16 where the devices compute it natively "
             "(GPUs with bf16 support, CPUs with AMX or AVX512_BF16), else fp32, as emulated bf16 "
             "is many times slower. The trainer logs its choice and why, and exports them as "
-            "chatflow_precision_info"
+            f"{PRECISION_INFO}"
         ),
     )
-    activation_checkpointing: bool = Field(False, description="recompute activations: less memory")
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in backward: less memory, more compute",
+    )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description=(
+            "attention kernel: sdpa (PyTorch's scaled_dot_product_attention, flash kernels on "
+            "GPUs), flash_attention_2 (needs the flash-attn package), eager, or auto: "
+            "flash_attention_2 on GPUs where flash-attn is installed, else sdpa"
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model: faster steps on GPUs after a slow first one",
+    )
     optimizer: OptimizerSpec = OptimizerSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
     eval: EvalSpec = EvalSpec()
@@ -520,36 +584,6 @@ class TrainingSpec(_Spec):
 # follow the core Kubernetes types they end up in, so they read as users expect.
 
 DEFAULT_IMAGE = f"ghcr.io/chatflow/trainer:{__version__}"
-GPU_RESOURCE = "nvidia.com/gpu"
-
-Quantity = Annotated[int | str, Field(description="a Kubernetes quantity such as 8, 500m, 64Gi")]
-
-
-class Resources(_Spec):
-    """Per-node (per pod) CPU, memory and other resources; GPUs come from `gpusPerNode`."""
-
-    model_config = cel(
-        *(
-            (
-                kind,
-                f"!has(self.{kind}) || !('{GPU_RESOURCE}' in self.{kind})",
-                "set gpusPerNode instead",
-            )
-            for kind in ("requests", "limits")
-        )
-    )
-
-    requests: dict[str, Quantity] = Field(
-        default_factory=dict, description="e.g. cpu: 32, memory: 512Gi"
-    )
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. memory: 1Ti")
-
-    @model_validator(mode="after")
-    def _no_gpus(self) -> Resources:
-        for kind in ("requests", "limits"):
-            if GPU_RESOURCE in getattr(self, kind):
-                raise FieldError(kind, "set gpusPerNode instead")
-        return self
 
 
 class Storage(_Spec):
@@ -722,7 +756,7 @@ MAX_RUN_NAME = 45
 
 # --- status: written by the operator ------------------------------------------------------------
 
-Phase = Literal["Pending", "Running", "Suspended", "Restarting", "Succeeded", "Failed"]
+Phase = Literal["Preparing", "Pending", "Running", "Suspended", "Restarting", "Succeeded", "Failed"]
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 
 
@@ -755,12 +789,26 @@ class MixtureProgress(_Spec):
     updated_at: Timestamp = Field(description="when the trainer's metrics were read")
 
 
+class PreparationProgress(_Spec):
+    """The data preparation Job's progress, summed over sources, read from its pod's metrics."""
+
+    shards_done: int = Field(ge=0, description="shards of the run's need tokenized and packed")
+    shards_total: int = Field(ge=0, description="shards the run needs; an estimate until read")
+    tokens: int = Field(ge=0, description="tokens written to packed blocks")
+    documents: int = Field(ge=0, description="documents tokenized")
+    updated_at: Timestamp = Field(description="when the preparation's metrics were read")
+
+
 class ChatFlowRunStatus(_Spec):
     phase: Phase = "Pending"
     observed_generation: int | None = Field(
         None, description="the generation of the spec this status describes"
     )
-    job_name: str | None = Field(None, description="the PyTorchJob running this spec")
+    job_name: str | None = Field(
+        None,
+        description="the PyTorchJob running this spec (with storage, `<jobName>-prep` is the "
+        "Job that prepares its data first)",
+    )
     restarts: int = Field(0, ge=0, description="jobs replaced after restart-worthy spec changes")
     start_time: Timestamp | None = None
     completion_time: Timestamp | None = None
@@ -769,6 +817,7 @@ class ChatFlowRunStatus(_Spec):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     progress: MixtureProgress | None = None
+    preparation: PreparationProgress | None = None
 
 
 class ObjectMeta(BaseModel):

@@ -13,6 +13,7 @@ Typical use, before the model is wrapped for distributed training:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import unicodedata
@@ -216,11 +217,12 @@ def extend_embeddings(model: PreTrainedModel, new_tokens: Sequence[NewToken]) ->
 
     Each new row, in the input embedding and in the output embedding (LM head) when it is not tied
     to it, is the mean of the rows of the token's old pieces. config.vocab_size follows the new
-    size. Call before the model is sharded (e.g. by DeepSpeed ZeRO-3).
+    size. Under ZeRO-3, where the model was built partitioned (`zero.Init`), every rank calls
+    this: the two matrices are gathered whole while their new rows are set, one at a time.
     """
     if not new_tokens:
         return
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    old_rows = model.get_input_embeddings().num_embeddings  # weight.shape is 0 when partitioned
     pieces = torch.tensor([p for t in new_tokens for p in t.pieces])
     if pieces.max() >= old_rows:
         raise ValueError(
@@ -245,9 +247,22 @@ def extend_embeddings(model: PreTrainedModel, new_tokens: Sequence[NewToken]) ->
         weights.append(output.weight)
     with torch.no_grad():
         for weight in weights:
-            device = weight.device
-            # Sum in float32: averaging bf16 rows in bf16 would lose precision for no gain.
-            sums = torch.zeros(len(new_tokens), weight.shape[1], dtype=torch.float32, device=device)
-            sums.index_add_(0, owner.to(device), weight[pieces.to(device)].float())
-            means = sums / counts.to(device).unsqueeze(1)
-            weight[ids.to(device)] = means.to(weight.dtype)
+            with _whole(weight):
+                device = weight.device
+                # Sum in float32: averaging bf16 rows in bf16 would lose precision for no gain.
+                sums = torch.zeros(
+                    len(new_tokens), weight.shape[1], dtype=torch.float32, device=device
+                )
+                sums.index_add_(0, owner.to(device), weight[pieces.to(device)].float())
+                means = sums / counts.to(device).unsqueeze(1)
+                weight[ids.to(device)] = means.to(weight.dtype)
+
+
+def _whole(weight: torch.nn.Parameter) -> contextlib.AbstractContextManager:
+    """The weight whole inside the block. A ZeRO-3 partitioned one is gathered on every rank (so
+    every rank computes the same rows), and rank 0's values are partitioned again after it."""
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)

@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from chatflow.data.mixture import Mixture
-from chatflow.data.sources import HUB_ID, SourceError, first_line, local_path
-from chatflow.data.store import PackedSource, prepare_source
-from chatflow.sampler import MixtureSampler
+from chatflow.data.prepare import open_prepared, prepare
+from chatflow.data.sources import HUB_ID, first_line, local_path
+from chatflow.data.store import PackedSource
+from chatflow.sampler import MixtureSampler, Position
 from chatflow.schedule import Schedule
 from chatflow.spec import ChatFlowRunSpec, SpecError
 
 if TYPE_CHECKING:
+    from chatflow.data.progress import Progress
     from chatflow.vocab import NewToken
 
 T = TypeVar("T")
@@ -81,31 +83,27 @@ def load_model_config(spec: ChatFlowRunSpec, base_dir: Path) -> Any:
 
 
 def prepare_sources(
-    spec: ChatFlowRunSpec, base_dir: Path, cache_dir: Path, tokenizer: Any
+    spec: ChatFlowRunSpec,
+    base_dir: Path,
+    cache_dir: Path,
+    tokenizer: Any,
+    *,
+    position: Position | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    prepared: bool = False,
 ) -> list[PackedSource]:
-    """Tokenize and pack every source (cached); errors name the source's field."""
-    packed = []
-    for i, source in enumerate(spec.data.sources):
-        try:
-            packed.append(
-                prepare_source(
-                    source,
-                    base_dir,
-                    cache_dir,
-                    tokenizer,
-                    spec.training.seq_length,
-                    spec.training.seed,
-                    held_out=spec.training.eval.samples_per_source,
-                )
-            )
-        except SourceError as e:
-            raise SpecError(f"spec.data.sources[{i}].{e.field}: {e.message}") from None
-        if packed[-1].num_blocks == 0:
-            raise SpecError(
-                f"spec.data.sources[{i}].path: {len(packed[-1].lengths)} packed samples are not "
-                "enough to hold out training.eval.samplesPerSource and still train"
-            )
-    return packed
+    """Every source, prepared as far as the run needs from `position` (see data/prepare.py).
+
+    `prepared`: a preparation step ran before (on Kubernetes, the operator's Job); only open it.
+    Errors name the source's field.
+    """
+    if prepared:
+        return open_prepared(spec, base_dir, cache_dir, tokenizer, position)
+    workers = workers or spec.data.preparation.workers
+    return prepare(
+        spec, base_dir, cache_dir, tokenizer, workers=workers, position=position, progress=progress
+    )
 
 
 def build_mixture(spec: ChatFlowRunSpec, sources: list[PackedSource]) -> Mixture:

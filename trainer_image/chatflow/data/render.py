@@ -41,14 +41,26 @@ class Renderer:
         texts = [t for t in texts if t and t.strip()]
         if not texts:
             return []
-        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
         documents = []
-        for ids in encoded["input_ids"]:
+        for ids in self._encode(texts):
             tokens = self.prefix + ids + self.suffix
             mask = [1] * len(tokens)
             mask[0] = 0
             documents.append((tokens, mask))
         return documents
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, no special tokens: what the tokenizer's __call__ returns.
+
+        Straight through a fast tokenizer's backend when it neither truncates nor pads (as
+        transformers' __call__ sets it up), with `encode_batch_fast`, which computes no offsets:
+        this is most of the preparation's time, and the wrapper and the offsets add ~10% to it.
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.truncation is not None or backend.padding is not None:
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)
+            return encoded["input_ids"]
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def _parallel_texts(self, batch: Batch) -> list[str]:
         fields, (first, second) = self.source.fields, self.source.languages  # type: ignore[misc]

@@ -1,8 +1,9 @@
 """The Grafana dashboard of a ChatFlowRun, as code (grafana-foundation-sdk).
 
 One run at a time, picked with the `namespace` and `run` variables: the mixture's plan against what
-was drawn, the data used per source, held-out loss per source (cross-lingual transfer), training
-curves, checkpoints, and the health of the trainer and the operator. Every query comes from
+was drawn, the data used per source, its preparation before training, held-out loss per source
+(cross-lingual transfer), training curves, checkpoints, and the health of the trainer and the
+operator. Every query comes from
 `queries.py`; `python -m chatflow.observability` writes the JSON.
 """
 
@@ -42,11 +43,14 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableSort,
 )
 
+from chatflow import metric_names as names
 from chatflow.observability import queries as q
 
 UID = "chatflow-run"
 TITLE = "ChatFlow run"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+# The runs to choose from: those training, and those still preparing their data.
+_RUNS = f'__name__=~"{names.STEP}|{names.PREPARE_SHARDS_TOTAL}"'
 
 Panel = TimeseriesPanel | StatPanel
 
@@ -66,10 +70,8 @@ def dashboard() -> dict:
         .refresh("1m")
         .timezone("browser")
         .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
-        .with_variable(_variable("namespace", "label_values(chatflow_step, namespace)"))
-        .with_variable(
-            _variable("run", 'label_values(chatflow_step{namespace=~"$namespace"}, run)')
-        )
+        .with_variable(_variable("namespace", f"label_values({{{_RUNS}}}, namespace)"))
+        .with_variable(_variable("run", f'label_values({{{_RUNS}, namespace=~"$namespace"}}, run)'))
     )
     ids = itertools.count(1)  # Grafana links and repeats panels by id
     for title, panels in _rows():
@@ -130,6 +132,19 @@ def _rows() -> list[tuple[str, list[Panel]]]:
             ],
         ),
         (
+            "Data preparation",
+            [
+                _timeseries(
+                    "Shards prepared per source",
+                    [q.PREPARATION_SHARDS_DONE, q.PREPARATION_SHARDS_NEEDED],
+                    description="The preparation Job (before the training job starts, on runs "
+                    "with storage) tokenizes and packs only the shards the rest of the run needs. "
+                    "Needed is an estimate until the source has been read.",
+                ),
+                _timeseries("Tokens prepared per second", [q.PREPARATION_TOKEN_RATE]),
+            ],
+        ),
+        (
             "Cross-lingual transfer",
             [
                 _timeseries(
@@ -167,6 +182,35 @@ def _rows() -> list[tuple[str, list[Panel]]]:
                 _timeseries(
                     "Checkpoint duration", [q.CHECKPOINT_SECONDS], unit="s", width=6, height=8
                 ),
+            ],
+        ),
+        (
+            "GPUs",
+            [
+                _timeseries(
+                    "GPU activity",
+                    [q.GPU_UTILISATION, q.GPU_UTILISATION_LOWEST, q.GPU_TENSOR_ACTIVE],
+                    unit="percentunit",
+                    description="From NVIDIA's DCGM exporter, over the run's pods. Utilisation: "
+                    "time a kernel ran, the mean and the least busy GPU (a straggler holds back "
+                    "every rank). Tensor pipes: tensor-core activity, where DCGM's profiling "
+                    "metrics are on; far under utilisation means small or memory-bound kernels.",
+                )
+                .min(0)
+                .max(1),
+                _timeseries(
+                    "GPU memory used",
+                    [q.GPU_MEMORY_USED],
+                    unit="bytes",
+                    description="Framebuffer used on each pod's fullest GPU.",
+                ),
+                _timeseries("GPU power", [q.GPU_POWER], unit="watt", description="Per pod."),
+                _timeseries(
+                    "GPU XID errors",
+                    [q.GPU_XID],
+                    description="The last XID error code of each GPU; 0 is none. Any other "
+                    "value fires ChatFlowGPUXidError.",
+                ).thresholds(_thresholds((None, "green"), (1, "red"))),
             ],
         ),
         (

@@ -56,6 +56,15 @@ ALERTS = (
         for_="15m",
     ),
     Alert(
+        "ChatFlowPreparationStalled",
+        q.PREPARATION_STALLED,
+        "warning",
+        "A ChatFlowRun's data preparation writes no tokens",
+        f"{WHICH_RUN} has prepared no token for 15 minutes while shards of its data remain: a "
+        "hung read from the hub or the volume, or workers that stopped. Its training job waits "
+        "for it; the preparation Job's pod log says where it is.",
+    ),
+    Alert(
         "ChatFlowThroughputDropped",
         q.THROUGHPUT_DROPPED,
         "warning",
@@ -84,6 +93,16 @@ ALERTS = (
         f"{WHICH_RUN} has used {{{{ $value | humanizePercentage }}}} of the passes over source "
         "{{ $labels.source }} that its maxEpochs allows; past the limit the run fails. Raise "
         "maxEpochs, add data, or lower the source's weight.",
+    ),
+    Alert(
+        "ChatFlowGPUXidError",
+        q.GPU_XID_ERROR,
+        "critical",
+        "A GPU of a ChatFlowRun reported an XID error",
+        f"{WHICH_RUN}: GPU {{{{ $labels.gpu }}}} of pod {{{{ $labels.pod }}}} on "
+        "{{ $labels.Hostname }} reported XID {{ $value }}. XIDs 48, 63, 64, 74, 79, 94 and 95 "
+        "are failing memory, NVLink or a GPU off the bus: cordon and drain the node, and the run "
+        "resumes from its last checkpoint elsewhere. 13, 31 and 43 are faults of the program.",
     ),
     Alert(
         "ChatFlowHeldOutLossRising",

@@ -3,12 +3,17 @@
 Rank r of W with K dataloader workers: worker w is consumer r + W*w of W*K. The DataLoader takes
 one sample from each worker in turn, so the rank sees its indices in order (r, r+W, r+2W, ...), and
 the W ranks' micro-batches of one optimizer step are exactly the global batch's indices.
+
+`StepLoader` hands them out an optimizer step at a time and owns the sampler `Position`: where
+the run stands, which a checkpoint saves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -47,4 +52,44 @@ def loader(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches of this rank's share, from `position` on."""
     shard = MixtureShard(mixture, position, rank, world_size)
-    return iter(DataLoader(shard, batch_size=micro_batch_size, num_workers=workers))
+    # Pinned host memory lets the copy to the GPU run asynchronously (`non_blocking=True`).
+    pin = torch.cuda.is_available()
+    return iter(DataLoader(shard, batch_size=micro_batch_size, num_workers=workers, pin_memory=pin))
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """One optimizer step's data on this rank."""
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    samples: np.ndarray  # samples of the whole global batch per source (the same on every rank)
+    indices: list[int]  # the global sample indices of this rank's micro-batches
+
+
+class StepLoader:
+    """This rank's micro-batches, one optimizer step's worth at a time, from `position` on."""
+
+    def __init__(
+        self,
+        mixture: Mixture,
+        position: Position,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        accumulation: int,
+    ) -> None:
+        self.mixture = mixture
+        self.position = position  # after the last step handed out
+        self.accumulation = accumulation
+        self.global_batch_size = micro_batch_size * accumulation * world_size
+        self._batches = loader(mixture, position, rank, world_size, micro_batch_size)
+
+    def next_step(self) -> StepBatches:
+        micro_batches = [next(self._batches) for _ in range(self.accumulation)]
+        before = self.position
+        self.position = self.mixture.sampler.advance(before, self.global_batch_size)
+        return StepBatches(
+            micro_batches,
+            np.subtract(self.position.cursors, before.cursors),
+            [i for batch in micro_batches for i in batch["index"].tolist()],
+        )

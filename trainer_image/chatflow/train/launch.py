@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 from chatflow.data.pipeline import load_model_config, load_tokenizer, prepare_sources
+from chatflow.data.prepare import checkpoint_position
+from chatflow.data.progress import Progress
 from chatflow.spec import ChatFlowRun, SpecError, TrainingSpec
 from chatflow.train import torchrun
 from chatflow.train.checkpoint import Checkpoints
@@ -49,7 +51,9 @@ def preflight(
         raise SpecError(f"--output: cannot write to {output}: {e.strerror}") from None
     tokenizer, _ = load_tokenizer(run.spec, base_dir)
     load_model_config(run.spec, base_dir)
-    prepare_sources(run.spec, base_dir, cache_dir, tokenizer)
+    progress = Progress(run.metadata.name)
+    position = checkpoint_position(run.spec, output)
+    prepare_sources(run.spec, base_dir, cache_dir, tokenizer, position=position, progress=progress)
     _check_deepspeed(run.spec.training, processes)
 
 

@@ -4,10 +4,9 @@ Only rank 0 creates and serves them: the mixture state is global and identical o
 the counters are all-reduced before they reach this object, so the other ranks would only repeat
 its numbers. One scrape target per run also keeps the series count bounded.
 
-Naming: every metric starts with `chatflow_`, counters end in `_total`, durations are in seconds
-(`_seconds`) and fractions in 0..1 end in `_ratio`. Every series carries `run` (the ChatFlowRun's
-name); per-source series add `source`, `kind` and `language`, all taken from the validated spec, so
-label cardinality is fixed by the manifest.
+The names, and their conventions, are in `chatflow.metric_names`. Every series carries `run` (the
+ChatFlowRun's name); per-source series add `source`, `kind` and `language`, all taken from the
+validated spec, so label cardinality is fixed by the manifest.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from chatflow import metric_names as names
+from chatflow.metric_names import SOURCE_LABELS
 from chatflow.spec import SourceSpec
-
-SOURCE_LABELS = ("run", "source", "kind", "language")
 
 # bf16 dense peak FLOP/s per device (no sparsity), matched against torch.cuda.get_device_name().
 # An fp32 run has no entry: its MFU needs CHATFLOW_PEAK_FLOPS.
@@ -58,66 +57,64 @@ class TrainerMetrics:
         def counter(name: str, doc: str, labels: Sequence[str] = ("run",)) -> Counter:
             return Counter(name, doc, labels, registry=self.registry)
 
-        self._progress = gauge("chatflow_schedule_progress_ratio", "fraction of the run done")
-        self._phase = gauge("chatflow_schedule_phase", "index of the current schedule phase")
+        self._progress = gauge(names.SCHEDULE_PROGRESS, "fraction of the run done")
+        self._phase = gauge(names.SCHEDULE_PHASE, "index of the current schedule phase")
         self._phase_info = gauge(
-            "chatflow_schedule_phase_info", "1 for the current schedule phase", ("run", "phase")
+            names.SCHEDULE_PHASE_INFO, "1 for the current schedule phase", ("run", "phase")
         )
-        self._target = gauge(
-            "chatflow_mixture_target_ratio", "scheduled weight of the source", SOURCE_LABELS
-        )
+        self._target = gauge(names.MIXTURE_TARGET, "scheduled weight of the source", SOURCE_LABELS)
         self._realised = gauge(
-            "chatflow_mixture_realised_ratio",
+            names.MIXTURE_REALISED,
             "fraction of the last step's samples drawn from the source",
             SOURCE_LABELS,
         )
         self._source_samples = counter(
-            "chatflow_source_samples_total", "samples drawn from the source", SOURCE_LABELS
+            names.SOURCE_SAMPLES, "samples drawn from the source", SOURCE_LABELS
         )
         self._source_tokens = counter(
-            "chatflow_source_tokens_total", "tokens drawn from the source", SOURCE_LABELS
+            names.SOURCE_TOKENS, "tokens drawn from the source", SOURCE_LABELS
         )
         self._source_epochs = gauge(
-            "chatflow_source_epochs", "passes made over the source", SOURCE_LABELS
+            names.SOURCE_EPOCHS, "passes made over the source", SOURCE_LABELS
         )
         max_epochs = gauge(
-            "chatflow_source_max_epochs",
+            names.SOURCE_MAX_EPOCHS,
             "passes over the source the run may make (maxEpochs); absent when unlimited",
             SOURCE_LABELS,
         )
         for labels, source in zip(self._source_labels, sources, strict=True):
             if source.max_epochs is not None:
                 max_epochs.labels(*labels).set(source.max_epochs)
-        self._samples = counter("chatflow_samples_total", "samples trained on")
-        self._tokens = counter("chatflow_tokens_total", "tokens trained on")
-        self._step_index = gauge("chatflow_step", "optimizer steps completed")
-        self._loss = gauge("chatflow_loss", "training loss of the last step")
-        self._lr = gauge("chatflow_learning_rate", "learning rate of the last step")
-        self._grad_norm = gauge("chatflow_grad_norm", "gradient norm before clipping")
-        self._samples_per_second = gauge("chatflow_samples_per_second", "training throughput")
-        self._tokens_per_second = gauge("chatflow_tokens_per_second", "training throughput")
-        self._mfu = gauge("chatflow_mfu_ratio", "model FLOPs utilisation: achieved / peak FLOP/s")
+        self._samples = counter(names.SAMPLES, "samples trained on")
+        self._tokens = counter(names.TOKENS, "tokens trained on")
+        self._step_index = gauge(names.STEP, "optimizer steps completed")
+        self._loss = gauge(names.LOSS, "training loss of the last step")
+        self._lr = gauge(names.LEARNING_RATE, "learning rate of the last step")
+        self._grad_norm = gauge(names.GRAD_NORM, "gradient norm before clipping")
+        self._samples_per_second = gauge(names.SAMPLES_PER_SECOND, "training throughput")
+        self._tokens_per_second = gauge(names.TOKENS_PER_SECOND, "training throughput")
+        self._mfu = gauge(names.MFU, "model FLOPs utilisation: achieved / peak FLOP/s")
         self._precision_info = gauge(
-            "chatflow_precision_info",
+            names.PRECISION_INFO,
             "1 for the precision the run trains in (bf16 or fp32) and why it was chosen",
             ("run", "precision", "reason"),
         )
-        self._checkpoints = counter("chatflow_checkpoints_total", "checkpoints saved")
+        self._checkpoints = counter(names.CHECKPOINTS, "checkpoints saved")
         self._checkpoint_step = gauge(
-            "chatflow_last_checkpoint_step", "optimizer step of the newest checkpoint"
+            names.LAST_CHECKPOINT_STEP, "optimizer step of the newest checkpoint"
         )
         self._checkpoint_duration = Histogram(
-            "chatflow_checkpoint_duration_seconds",
+            names.CHECKPOINT_DURATION,
             "time to save a checkpoint",
             ("run",),
             buckets=CHECKPOINT_BUCKETS,
             registry=self.registry,
         )
         self._heldout_loss = gauge(
-            "chatflow_heldout_loss", "loss on the source's held-out samples", SOURCE_LABELS
+            names.HELDOUT_LOSS, "loss on the source's held-out samples", SOURCE_LABELS
         )
         self._heldout_perplexity = gauge(
-            "chatflow_heldout_perplexity", "exp(held-out loss) of the source", SOURCE_LABELS
+            names.HELDOUT_PERPLEXITY, "exp(held-out loss) of the source", SOURCE_LABELS
         )
 
     def serve(self, port: int) -> int:

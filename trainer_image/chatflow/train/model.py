@@ -1,0 +1,133 @@
+"""The model: loaded from `spec.model.base` with its vocabulary extended, wrapped in a DeepSpeed
+engine, and saved at the end in Hugging Face format."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from chatflow.data.pipeline import from_pretrained, load_model_config
+from chatflow.spec import ChatFlowRun, SpecError, TrainingSpec
+from chatflow.train import distributed
+from chatflow.train.deepspeed_config import deepspeed_problem
+from chatflow.train.lr import lr_at
+
+T = TypeVar("T")
+
+
+def load_model(run: ChatFlowRun, base_dir: Path, new_tokens: list, config: dict[str, Any]) -> Any:
+    """The base model with the run's new embedding rows, ready for `engine(config)`.
+
+    Under ZeRO-3 no rank holds the whole model, which for 7B in fp32 on 8 ranks of a node would
+    be 224 GB of host memory before training starts. transformers builds the model inside
+    DeepSpeed's `zero.Init`, so each parameter is partitioned over the ranks as it is created;
+    rank 0 alone reads the checkpoint (memory-mapped: page cache, not its own memory) and copies
+    it in one module at a time, each gathered only while it is written. This is the
+    `HfDeepSpeedConfig` path of transformers and DeepSpeed, not a copy of it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from chatflow.vocab import extend_embeddings
+
+    load_model_config(run.spec, base_dir)  # refuses a seqLength past the model's positions
+    global _zero3_config
+    _zero3_config = None
+    if config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _zero3_config = _checked(lambda: HfDeepSpeedConfig(config))
+    kernel = attention(run.spec.training.attention, torch.cuda.is_available())
+    if kernel == "flash_attention_2" and not _has_flash_attn():
+        raise SpecError(
+            "spec.training.attention: flash_attention_2 needs the flash-attn package, which this "
+            "image does not have (use sdpa or auto)"
+        )
+    model = from_pretrained(
+        lambda path: AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=kernel
+        ),
+        run.spec.model.base,
+        base_dir,
+        "spec.model.base",
+        "model",
+    )
+    if new_tokens:
+        extend_embeddings(model, new_tokens)  # under ZeRO-3 on every rank, collectively
+        if _zero3_config is not None:
+            import deepspeed
+
+            # transformers builds the resized embedding matrices whole on every rank (the same
+            # values everywhere); partition them now rather than at deepspeed.initialize.
+            deepspeed.zero.Init(module=model, config_dict_or_path=config)
+    model.config.use_cache = False  # no generation during training
+    if run.spec.training.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    return model
+
+
+def attention(choice: str, on_gpu: bool) -> str:
+    """The attention implementation transformers is asked for: `choice`, or for `auto` the
+    fastest one here. flash_attention_2 runs only on GPUs; PyTorch's SDPA picks its own flash or
+    memory-efficient kernel there, and is the fastest exact kernel on CPU."""
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if on_gpu and _has_flash_attn() else "sdpa"
+
+
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+# transformers finds the ZeRO-3 config through a weak reference, which must stay alive while the
+# model is built and resized (and, its docs say, for the process's life).
+_zero3_config: Any = None
+
+
+def engine(model: Any, config: dict[str, Any], training: TrainingSpec) -> Any:
+    """The DeepSpeed engine around `model`, with the run's learning-rate schedule."""
+    import deepspeed
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        peak = training.optimizer.lr
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step, training.optimizer, training.total_steps) / peak
+        )
+
+    wrapped, *_ = _checked(
+        lambda: deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=config, lr_scheduler=schedule
+        )
+    )
+    if training.compile:
+        wrapped.compile()  # DeepSpeed's own: compiles the module inside its hooks
+    return wrapped
+
+
+def _checked(make: Callable[[], T]) -> T:
+    """`make()`, which validates the DeepSpeed config: a problem is one line naming the option."""
+    try:
+        return make()
+    except Exception as e:
+        raise SpecError(f"spec.training.deepspeed: {deepspeed_problem(e)}") from None
+
+
+def save_model(
+    engine: Any, tokenizer: Any, target: Path, place: distributed.Place, zero_stage: int
+) -> None:
+    """The final model in Hugging Face format: save_pretrained, loadable with from_pretrained."""
+    # Under ZeRO-3 the weights are sharded: every rank takes part in gathering them.
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if place.is_main:
+        staging = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        engine.module.save_pretrained(staging, state_dict=state)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    distributed.barrier()
