@@ -41,7 +41,7 @@ from random_llama import saved_llama
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "manifests" / "examples" / "tiny.yaml"
 SIDES = ("baseline", "ours")
-PHASES = ("load", "step")
+PHASES = ("load", "engine", "step")
 
 
 # --- the worker: one rank -----------------------------------------------------------------------
@@ -97,9 +97,12 @@ def worker(args: argparse.Namespace) -> None:
     else:
         loaded = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         loaded.config.use_cache = False
-    engine = model.engine(loaded, config, run.spec.training)
     distributed.barrier()
     load_seconds = time.perf_counter() - started
+    sampler.sample()
+    sampler.phase = "engine"
+    engine = model.engine(loaded, config, run.spec.training)
+    distributed.barrier()
     sampler.sample()
     sampler.phase = "step"
     torch.manual_seed(place.rank)
@@ -145,7 +148,9 @@ def run_side(side: str, model: Path, args: argparse.Namespace) -> list[dict[str,
         command += ["--nproc-per-node", str(args.ranks), __file__, "--worker", "--side", side]
         command += ["--model", str(model), "--out", out, "--seq-length", str(args.seq_length)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        subprocess.run(command, check=True, env=env, capture_output=not args.verbose)
+        done = subprocess.run(command, env=env, capture_output=not args.verbose, text=True)
+        if done.returncode:
+            sys.exit(f"zero3_load.py: the {side} side failed:\n{(done.stderr or '')[-4000:]}")
         return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank-*.json"))]
 
 
@@ -189,11 +194,9 @@ def report(results: dict[str, Any], model: Path, args: argparse.Namespace) -> No
         f"model: {params / 1e9:.2f}B parameters ({gib(4 * params)} GiB in fp32; checkpoint "
         f"{gib(size)} GiB bf16), {args.ranks} ranks, ZeRO-3 fp32, seq {args.seq_length}\n"
     )
-    print(
-        "| side | rank | load s | step s | peak VmRSS load | peak VmRSS step | peak RssAnon "
-        "load | peak RssAnon step |"
-    )
-    print("|---|--:|--:|--:|--:|--:|--:|--:|")
+    peaks = [f"peak {key} {phase}" for key in ("VmRSS", "RssAnon") for phase in PHASES]
+    print("| side | rank | load s | step s | " + " | ".join(peaks) + " |")
+    print("|---|--:|--:|--:|" + "--:|" * len(peaks))
     best: dict[str, dict[str, float]] = {}
     for side in SIDES:
         for rank in range(args.ranks):
