@@ -318,26 +318,15 @@ def live(
             )  # fmt: skip
         cleanup.callback(_stop_group, trainer)
 
-        web = f"127.0.0.1:{free_port()}"
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(MONITORING / "rules.yaml")],
-            "scrape_configs": [
-                _static(queries.TRAINER_JOB, port, namespace=namespace, pod=f"{job}-master-0"),
-                _static(queries.OPERATOR_JOB, operator.metrics_port, namespace="chatflow-system"),
-            ],
-        }
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        with (workdir / "prometheus.log").open("w") as log:
-            prometheus = subprocess.Popen(
-                [prometheus_dir / "prometheus", f"--config.file={workdir / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address={web}"],
-                stdout=subprocess.DEVNULL, stderr=log,
-            )  # fmt: skip
-        cleanup.callback(_stop, prometheus)
-        wait_for(lambda: _ready(f"http://{web}"), "Prometheus to be ready")
+        scrape = [
+            _static(queries.TRAINER_JOB, port, namespace=namespace, pod=f"{job}-master-0"),
+            _static(queries.OPERATOR_JOB, operator.metrics_port, namespace="chatflow-system"),
+        ]
+        url = cleanup.enter_context(
+            _prometheus(prometheus_dir, workdir, scrape, rules=MONITORING / "rules.yaml")
+        )
         logs = (workdir / "train.log", workdir / "prometheus.log", operator.log_path)
-        yield Live(f"http://{web}", namespace, manifest, output, logs)
+        yield Live(url, namespace, manifest, output, logs)
 
 
 def _static(job: str, port: int, **labels: str) -> dict:
