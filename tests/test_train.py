@@ -450,3 +450,19 @@ def test_pod_torchrun_exits_retryable_when_a_worker_stopped_to_resume(
     command = [sys.executable, "-m", "chatflow.train.torchrun", "--standalone"]
     result = subprocess.run([*command, "--nproc-per-node=1", str(worker)], env=_env(), check=False)
     assert result.returncode == (128 + signal.SIGTERM if stopped else 1)
+
+
+def test_attention_auto_is_sdpa_without_flash_attn_and_a_missing_package_is_one_line(
+    manifests,
+) -> None:
+    from chatflow.spec import SpecError, load_run
+    from chatflow.train import model
+    from chatflow.train.deepspeed_config import deepspeed_config
+
+    assert model.attention("auto", on_gpu=False) == "sdpa"
+    assert model.attention("eager", on_gpu=True) == "eager"
+    manifest = manifests("flash", attention="flash_attention_2")
+    run = load_run(manifest)
+    config = deepspeed_config(run.spec.training, 1, "fp32")
+    with pytest.raises(SpecError, match=r"^spec\.training\.attention: flash_attention_2 needs"):
+        model.load_model(run, manifest.parent, [], config)
