@@ -12,9 +12,9 @@ config with ZeRO-3 in fp32, and one optimizer step on a batch of random token id
             `AutoModelForCausalLM.from_pretrained(path, dtype=float32)` (the whole model in its own
             memory), then `deepspeed.initialize` partitions it
   ours      `load_model`: transformers builds the model inside `zero.Init` (HfDeepSpeedConfig) and
-            rank 0 alone reads the checkpoint, a module at a time; then the same `engine`
+            rank 0 alone reads the checkpoint, a tensor at a time; then the same `engine`
 Each rank samples its own /proc/self/status every 5 ms: the peak of VmRSS (all its resident
-memory, including pages of the memory-mapped checkpoint it has read, which are page cache that
+memory, including the pages of a memory-mapped checkpoint it has read, which are page cache that
 the kernel shares and can drop) and of RssAnon (memory that is the rank's alone), over the load
 (up to a ready engine) and over the first step. The ratio is ours / baseline for the rank with
 the higher peak. `--rounds` alternate the two sides; the lowest peak of each counts.

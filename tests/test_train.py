@@ -287,7 +287,7 @@ def test_zero3_resumes_and_reproduces_the_run(
 NEW_ROWS_UNDER_ZERO3 = """
 import json, sys
 from pathlib import Path
-import deepspeed
+import deepspeed, torch
 from chatflow.data.pipeline import load_tokenizer
 from chatflow.spec import load_run
 from chatflow.train import distributed, model
@@ -304,8 +304,11 @@ assert all(w.numel() == 0 for w in weights)  # partitioned: no rank holds the wh
 ids = [t.id for t in new_tokens]
 with deepspeed.zero.GatheredParameters(weights):
     rows = [w[ids].tolist() for w in weights] + [w[:100].tolist() for w in weights]
+# Every weight and buffer: the whole model's output on a text with old and new tokens.
+with deepspeed.zero.GatheredParameters(list(loaded.parameters())):
+    logits = loaded(input_ids=torch.tensor([list(range(1, 40)) + ids])).logits
 if place.is_main:
-    Path(sys.argv[2]).write_text(json.dumps(rows))
+    Path(sys.argv[2]).write_text(json.dumps({"rows": rows, "logits": logits.tolist()}))
 """
 
 
@@ -327,7 +330,8 @@ def test_zero3_vocabulary_extension_gives_the_rows_it_gives_unpartitioned(
         [*command, str(script), str(manifest), str(out)], capture_output=True, text=True, env=_env()
     )
     assert done.returncode == 0, done.stderr
-    partitioned = [torch.tensor(rows) for rows in json.loads(out.read_text())]
+    written = json.loads(out.read_text())
+    partitioned = [torch.tensor(rows) for rows in written["rows"]]
 
     run = load_run(manifest)
     _, new_tokens = load_tokenizer(run.spec, manifest.parent)
@@ -340,6 +344,38 @@ def test_zero3_vocabulary_extension_gives_the_rows_it_gives_unpartitioned(
     expected = [w[ids] for w in weights] + [w[:100] for w in weights]
     for got, want in zip(partitioned, expected, strict=True):
         assert torch.equal(got, want.detach())
+    whole.config.use_cache = False
+    text = torch.tensor([list(range(1, 40)) + ids])
+    with torch.no_grad():
+        logits = whole(input_ids=text).logits
+    torch.testing.assert_close(torch.tensor(written["logits"]), logits)
+
+
+def test_safetensors_reader_reads_what_safetensors_wrote(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from chatflow.train.model import SafetensorsReader
+
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f32": torch.randn(7),
+        "i64": torch.arange(4),
+        "scalar": torch.tensor(2.5, dtype=torch.float16),
+        "empty": torch.zeros(0, 3),
+    }
+    save_file(tensors, tmp_path / "w.safetensors", metadata={"format": "pt"})
+    with SafetensorsReader(tmp_path / "w.safetensors") as reader:
+        assert sorted(reader.keys()) == sorted(tensors)
+        for key, tensor in tensors.items():
+            read = reader.read(key)
+            assert read.dtype == tensor.dtype and torch.equal(read, tensor), key
+    cut = (tmp_path / "w.safetensors").read_bytes()[:-8]
+    (tmp_path / "cut.safetensors").write_bytes(cut)
+    with SafetensorsReader(tmp_path / "cut.safetensors") as reader:
+        last = max(reader.keys(), key=lambda k: reader.header[k]["data_offsets"][1])
+        with pytest.raises(ValueError, match=f"{last} is cut short"):
+            reader.read(last)
 
 
 @pytest.mark.parametrize(
