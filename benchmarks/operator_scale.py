@@ -33,7 +33,7 @@ import kubernetes
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from chatflow_operator import render  # noqa: E402
+from chatflow_operator.backends import pytorchjob  # noqa: E402
 from cluster import Operator, install_operator_manifests  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 from factories import run_document  # noqa: E402
@@ -90,7 +90,7 @@ def floor(api: kubernetes.client.ApiClient, namespace: str, count: int) -> dict[
     jobs = []
     for document in runs(namespace, count):
         document["metadata"] |= {"uid": "00000000-0000-0000-0000-000000000000"}
-        job = render.pytorch_job(document)
+        job = pytorchjob.render_job(document)
         del job["metadata"]["ownerReferences"]  # no such owner: the collector would delete them
         jobs.append(job)
     watch = JobWatch(api, namespace, count)

@@ -18,7 +18,8 @@ import yaml
 
 from chatflow.observability.queries import OPERATOR_JOB, PREPARATION_JOB, TRAINER_JOB
 from chatflow_operator import crd as crd_generator
-from chatflow_operator.render import preparation_job, pytorch_job
+from chatflow_operator.backends.pytorchjob import render_job as pytorch_job
+from chatflow_operator.render import preparation_job
 from cluster import CHART, NAMESPACE, RELEASE, REPO, Docs, Helm, wait_for
 from controlplane import ControlPlane
 from factories import run_document

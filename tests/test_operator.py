@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from chatflow.spec import load_run, parse_run
-from chatflow_operator.status import JOB_PHASES
+from chatflow_operator.backends.pytorchjob import PHASES as JOB_PHASES
 from cluster import (
     REPO,
     Operator,

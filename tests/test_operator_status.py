@@ -1,5 +1,5 @@
-"""The run's status from its PyTorchJob and its trainer's metrics, or from its preparation Job and
-that one's metrics (pure functions, no cluster)."""
+"""The run's status from its job (read by the PyTorchJob backend) and its trainer's metrics, or
+from its preparation Job and that one's metrics (pure functions, no cluster)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from chatflow import metric_names as names
 from chatflow.spec import parse_run
 from chatflow.train.metrics import TrainerMetrics
 from chatflow_operator import status
+from chatflow_operator.backends import pytorchjob
 from factories import run_document
 
 NOW = "2026-11-22T12:00:00Z"
@@ -42,19 +43,19 @@ def stored_run(**status_fields: Any) -> dict[str, Any]:
 def test_phase_follows_the_newest_true_condition() -> None:
     created = condition("Created", "2026-01-01T00:00:00Z")
     running = condition("Running", "2026-01-01T00:00:05Z")
-    assert status.job_phase(None) == "Pending"
-    assert status.job_phase(job(created)) == "Pending"
-    assert status.job_phase(job(created, running)) == "Running"
+    assert pytorchjob.state(None, 3).phase == "Pending"
+    assert pytorchjob.state(job(created), 3).phase == "Pending"
+    assert pytorchjob.state(job(created, running), 3).phase == "Running"
     restarting = condition("Restarting", "2026-01-01T00:01:00Z")
     stale_running = condition("Running", "2026-01-01T00:00:05Z", "False")
-    assert status.job_phase(job(created, stale_running, restarting)) == "Restarting"
+    assert pytorchjob.state(job(created, stale_running, restarting), 3).phase == "Restarting"
     # Set in the same second, the terminal condition wins.
     succeeded = condition("Succeeded", "2026-01-01T00:00:05Z")
-    assert status.job_phase(job(created, running, succeeded)) == "Succeeded"
+    assert pytorchjob.state(job(created, running, succeeded), 3).phase == "Succeeded"
     failed = condition("Failed", "2026-01-01T00:09:00Z")
-    assert status.job_phase(job(created, running, failed)) == "Failed"
+    assert pytorchjob.state(job(created, running, failed), 3).phase == "Failed"
     suspended = condition("Suspended", "2026-01-01T00:09:00Z")
-    assert status.job_phase(job(created, stale_running, suspended)) == "Suspended"
+    assert pytorchjob.state(job(created, stale_running, suspended), 3).phase == "Suspended"
 
 
 def test_status_mirrors_the_job_with_observed_generation() -> None:
@@ -63,7 +64,8 @@ def test_status_mirrors_the_job_with_observed_generation() -> None:
         condition("Running", "2026-01-01T00:00:05Z"),
         startTime="2026-01-01T00:00:05Z",
     )
-    new = status.run_status(stored_run(), "test-abc", the_job, restarts=1, now=NOW)
+    state = pytorchjob.state(the_job, 3)
+    new = status.run_status(stored_run(), "test-abc", state, restarts=1, now=NOW)
     assert new["phase"] == "Running" and new["observedGeneration"] == 3
     assert new["jobName"] == "test-abc" and new["restarts"] == 1
     assert new["startTime"] == "2026-01-01T00:00:05Z"
@@ -127,7 +129,7 @@ def test_a_failed_run_says_what_its_trainer_said_and_keeps_it() -> None:
     assert status.trainer_error([preempted, master]) == error
     assert status.trainer_error([preempted]) is None
 
-    failed = job(condition("Running", NOW, "False"), condition("Failed", NOW))
+    failed = pytorchjob.state(job(condition("Running", NOW, "False"), condition("Failed", NOW)), 3)
     first = status.run_status(stored_run(), "j", failed, trainer_error=error, now=NOW)
     (condition_,) = [c for c in first["conditions"] if c["type"] == "Failed"]
     assert (condition_["reason"], condition_["message"]) == ("TrainerError", error)

@@ -8,6 +8,7 @@ import yaml
 
 from chatflow.spec import parse_run
 from chatflow_operator import render
+from chatflow_operator.backends import pytorchjob
 from factories import run_document
 
 
@@ -47,7 +48,7 @@ def cluster_run(**spec: Any) -> dict[str, Any]:
 
 def test_job_is_master_plus_workers_with_one_process_per_gpu() -> None:
     run = cluster_run()
-    job = render.pytorch_job(run)
+    job = pytorchjob.render_job(run)
     name = render.job_name(run)
     assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
     assert job["metadata"]["name"] == name and name.startswith("test-")
@@ -118,7 +119,7 @@ def test_job_is_master_plus_workers_with_one_process_per_gpu() -> None:
 
 
 def test_single_cpu_node_has_no_workers_and_no_gpus() -> None:
-    job = render.pytorch_job(stored_run())
+    job = pytorchjob.render_job(stored_run())
     assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"]
     assert job["spec"]["nprocPerNode"] == "1"
     pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
@@ -158,10 +159,10 @@ def test_only_restart_worthy_changes_rename_the_job() -> None:
 
 def test_run_policy_patch_toggles_suspend_and_drops_removed_fields() -> None:
     run = cluster_run()
-    job = render.pytorch_job(run)
-    assert render.run_policy_patch(run, job) is None
+    job = pytorchjob.render_job(run)
+    assert pytorchjob.in_place_patch(run, job) is None
     suspended = cluster_run(suspend=True, runPolicy={"backoffLimit": 3})
-    assert render.run_policy_patch(suspended, job) == {
+    assert pytorchjob.in_place_patch(suspended, job) == {
         "spec": {"runPolicy": {"suspend": True, "ttlSecondsAfterFinished": None}}
     }
 
@@ -169,7 +170,7 @@ def test_run_policy_patch_toggles_suspend_and_drops_removed_fields() -> None:
 def test_stale_children_are_the_runs_own_under_other_names() -> None:
     run = cluster_run(nodes=3)
     earlier = cluster_run(nodes=2)  # a replaced spec, whose children a killed pass left behind
-    jobs = [render.pytorch_job(earlier), render.pytorch_job(run)]
+    jobs = [pytorchjob.render_job(earlier), pytorchjob.render_job(run)]
     assert render.stale_children(run, jobs) == [jobs[0]]
     assert render.stale_children(cluster_run(nodes=3, suspend=True), jobs) == [jobs[0]]
     assert render.stale_children(run, jobs[1:]) == []
@@ -194,7 +195,7 @@ def test_preparation_job_runs_chatflow_prepare_on_the_runs_volume_and_cpus() -> 
     assert prep["metadata"]["name"] == render.preparation_job_name(run) == f"{name}-prep"
     assert (
         prep["metadata"]["ownerReferences"]
-        == render.pytorch_job(run)["metadata"]["ownerReferences"]
+        == pytorchjob.render_job(run)["metadata"]["ownerReferences"]
     )
     labels = prep["metadata"]["labels"]
     assert labels["chatflow.io/run"] == "test"
@@ -213,7 +214,9 @@ def test_preparation_job_runs_chatflow_prepare_on_the_runs_volume_and_cpus() -> 
     template = spec["template"]
     assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "preparation"
     pod = template["spec"]
-    trainer = render.pytorch_job(run)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    trainer = pytorchjob.render_job(run)["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "spec"
+    ]
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"] == trainer["securityContext"]
     assert pod["automountServiceAccountToken"] is False

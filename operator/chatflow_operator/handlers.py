@@ -2,7 +2,7 @@
 
 What triggers a reconcile of a run:
 - the run itself: created, changed (spec or labels), or found when the operator starts;
-- any event of one of its PyTorchJobs, preparation Jobs or ConfigMaps (status changes, deletion);
+- any event of one of its training jobs, preparation Jobs or ConfigMaps (status changes, deletion);
 - a timer while the data is prepared or the job runs, which also reads their progress.
 
 kopf keeps its bookkeeping in memory (see bookkeeping.py), not in annotations or the status.
@@ -19,14 +19,12 @@ import kopf
 
 from chatflow.spec import API_GROUP
 from chatflow_operator import metrics, render
+from chatflow_operator.backends import pytorchjob
 from chatflow_operator.bookkeeping import MemoryDiffBase, MemoryProgress
-from chatflow_operator.kube import ApiError, Kube
+from chatflow_operator.kube import BATCH_JOBS, CONFIG_MAPS, RUNS, ApiError, Kube
 from chatflow_operator.reconcile import ChildConflict, Reconciler
 
-RUNS = (API_GROUP, "v1alpha1", "chatflowruns")
-JOBS = ("kubeflow.org", "v1", "pytorchjobs")
-BATCH_JOBS = ("batch", "v1", "jobs")  # the data preparation
-CONFIG_MAPS = ("v1", "configmaps")
+BACKEND = pytorchjob
 CHILD = {render.RUN_LABEL: kopf.PRESENT}
 # Handlers are synchronous (blocking HTTP) and run in a pool of this many threads.
 WORKERS = 32
@@ -65,14 +63,14 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
         # 200 runs created at once should not queue behind a handful of threads.
         settings.execution.max_workers = WORKERS
         # Only our children: the API server filters the watch streams, not this process.
-        for resource in (JOBS, BATCH_JOBS, CONFIG_MAPS):
-            settings.watching.label_selectors[resource] = render.RUN_LABEL
-        memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event)
+        for resource in (BACKEND.resource, BATCH_JOBS, CONFIG_MAPS):
+            settings.watching.label_selectors[resource.watched] = render.RUN_LABEL
+        memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event, BACKEND)
 
     # On startup every run: its children may have changed while no operator watched.
-    @kopf.on.resume(*RUNS, id="startup", backoff=RETRY_SECONDS, registry=registry)
-    @kopf.on.create(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
-    @kopf.on.update(*RUNS, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
+    @kopf.on.resume(*RUNS.watched, id="startup", backoff=RETRY_SECONDS, registry=registry)
+    @kopf.on.create(*RUNS.watched, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
+    @kopf.on.update(*RUNS.watched, id="reconcile", backoff=RETRY_SECONDS, registry=registry)
     def run_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         with reconciling("run"):
             memo.reconciler.reconcile(dict(body))
@@ -83,7 +81,7 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
     # A timer holds a finalizer on the run while it matches, so only running runs (or runs
     # preparing their data) carry one.
     @kopf.timer(
-        *RUNS,
+        *RUNS.watched,
         id="progress",
         interval=progress_seconds,
         backoff=RETRY_SECONDS,
@@ -95,21 +93,21 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
             memo.reconciler.reconcile(dict(body), scrape=True)
 
     # Our own creations (ADDED) need no second look; status changes and deletions do.
-    @kopf.on.event(*JOBS, labels=CHILD, registry=registry)
-    @kopf.on.event(*BATCH_JOBS, labels=CHILD, registry=registry)
+    @kopf.on.event(*BACKEND.resource.watched, labels=CHILD, registry=registry)
+    @kopf.on.event(*BATCH_JOBS.watched, labels=CHILD, registry=registry)
     def job_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type in ("MODIFIED", "DELETED"):
             with reconciling("child"):
                 memo.reconciler.reconcile_child(dict(body))
 
     # ConfigMaps are immutable: only their deletion matters.
-    @kopf.on.event(*CONFIG_MAPS, labels=CHILD, registry=registry)
+    @kopf.on.event(*CONFIG_MAPS.watched, labels=CHILD, registry=registry)
     def config_deleted(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type == "DELETED":
             with reconciling("child"):
                 memo.reconciler.reconcile_child(dict(body))
 
-    @kopf.on.event(*RUNS, registry=registry)
+    @kopf.on.event(*RUNS.watched, registry=registry)
     async def run_seen(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         """Every event of every run: count runs by phase; forget deleted ones. async: it runs on
         the event loop, without a trip to the thread pool."""

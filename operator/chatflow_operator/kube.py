@@ -1,8 +1,8 @@
 """The few Kubernetes API calls the operator makes, as plain dicts in and out.
 
 One generic REST helper instead of the generated typed clients: every object the operator touches
-(runs, PyTorchJobs, batch Jobs, ConfigMaps, pods) is handled the same way, as JSON, and nothing is
-converted into model classes and back.
+(runs, the job backends' jobs, batch Jobs, ConfigMaps, pods) is handled the same way, as JSON, and
+nothing is converted into model classes and back.
 """
 
 from __future__ import annotations
@@ -18,19 +18,33 @@ from chatflow.spec import API_GROUP
 
 @dataclass(frozen=True)
 class Resource:
-    api: str  # "/api/v1" or "/apis/<group>/<version>"
+    """A kind of object the operator reads or writes: the one spelling of it, for REST paths and
+    for kopf's watches."""
+
+    group: str  # "" for the core API
+    version: str
     plural: str
+
+    @property
+    def api(self) -> str:
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+
+    @property
+    def watched(self) -> tuple[str, ...]:
+        """The resource as kopf's handler decorators take it."""
+        return (
+            (self.group, self.version, self.plural) if self.group else (self.version, self.plural)
+        )
 
     def path(self, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
         path = f"{self.api}/namespaces/{namespace}/{self.plural}"
         return "/".join(p for p in (path, name, subresource) if p)
 
 
-RUNS = Resource(f"/apis/{API_GROUP}/v1alpha1", "chatflowruns")
-JOBS = Resource("/apis/kubeflow.org/v1", "pytorchjobs")
-BATCH_JOBS = Resource("/apis/batch/v1", "jobs")  # the data preparation
-CONFIG_MAPS = Resource("/api/v1", "configmaps")
-PODS = Resource("/api/v1", "pods")
+RUNS = Resource(API_GROUP, "v1alpha1", "chatflowruns")
+BATCH_JOBS = Resource("batch", "v1", "jobs")  # the data preparation
+CONFIG_MAPS = Resource("", "v1", "configmaps")
+PODS = Resource("", "v1", "pods")
 
 MERGE_PATCH = "application/merge-patch+json"
 

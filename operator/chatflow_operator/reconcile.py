@@ -18,16 +18,8 @@ from typing import Any
 
 from chatflow.spec import ChatFlowRun, MixtureProgress
 from chatflow_operator import render, status
-from chatflow_operator.kube import (
-    BATCH_JOBS,
-    CONFIG_MAPS,
-    JOBS,
-    PODS,
-    RUNS,
-    Conflict,
-    Kube,
-    Resource,
-)
+from chatflow_operator.backends import JobBackend
+from chatflow_operator.kube import BATCH_JOBS, CONFIG_MAPS, PODS, RUNS, Conflict, Kube, Resource
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +46,11 @@ def _deleting(child: dict[str, Any]) -> bool:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, post_event: EventSink) -> None:
+    def __init__(self, kube: Kube, post_event: EventSink, backend: JobBackend) -> None:
+        """`backend`: the kind of job that trains (see backends/)."""
         self.kube = kube
         self._post_event = post_event
+        self.backend = backend
         # Job events and the run's own handlers may reconcile one run at once from different
         # threads; one at a time per run keeps each pass's read-then-write consistent.
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -122,6 +116,7 @@ class Reconciler:
     def _converge(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
         meta = run["metadata"]
         namespace, selector = meta["namespace"], f"{render.RUN_LABEL}={meta['name']}"
+        backend, generation = self.backend, meta.get("generation", 0)
         want = render.job_name(run)
         old = run.get("status") or {}
         restarts = old.get("restarts", 0)
@@ -132,7 +127,7 @@ class Reconciler:
             and old.get("observedGeneration") == meta["generation"]
         )
 
-        jobs = self.kube.list(JOBS, namespace, selector)
+        jobs = self.kube.list(backend.resource, namespace, selector)
         config_maps = self.kube.list(CONFIG_MAPS, namespace, selector)
         preparations = self.kube.list(BATCH_JOBS, namespace, selector)
         # Every pass deletes all that the current spec does not name, not just what the pass that
@@ -144,7 +139,7 @@ class Reconciler:
             if not _deleting(stale):
                 # Foreground: the job object stays until its pods are gone, so the new job cannot
                 # start writing checkpoints while the old pods still save theirs.
-                self.kube.delete(JOBS, namespace, name, foreground=True)
+                self.kube.delete(backend.resource, namespace, name, foreground=True)
                 restarts += 1
                 self.post_event(
                     run, "Normal", "Restarting", f"spec changed: replacing job {name} with {want}"
@@ -182,40 +177,41 @@ class Reconciler:
                 return self._preparing_status(run, want, preparation, restarts, scrape)
             prepared = status.prepared(old, now())
         if current is None:
-            current = self._ensure(run, render.pytorch_job(run), JOBS)
+            current = self._ensure(run, backend.render_job(run), backend.resource)
             made = (
-                f"PyTorchJob {want} (Job {preparing} prepared the data)"
+                f"{backend.kind} {want} (Job {preparing} prepared the data)"
                 if render.prepares(run)
-                else f"ConfigMap and PyTorchJob {want}"
+                else f"ConfigMap and {backend.kind} {want}"
             )
             self.post_event(run, "Normal", "Created", f"created {made}")
         else:
-            current = self._adopt(run, current, JOBS)
-            policy = render.run_policy_patch(run, current)
-            if policy:
-                current = self.kube.patch(JOBS, namespace, want, policy)
+            current = self._adopt(run, current, backend.resource)
+            patch = backend.in_place_patch(run, current)
+            if patch:
+                current = self.kube.patch(backend.resource, namespace, want, patch)
 
         progress, trainer_error = None, None
-        phase = status.job_phase(current)
+        state = backend.state(current, generation)
+        phase, rank0 = state.phase, backend.rank0_pods(want)
         if scrape and phase == "Running":
             typed = ChatFlowRun.model_validate(run)
-            text = self._metrics(run, _master(want))
+            text = self._metrics(run, rank0)
             if text is not None:
                 progress = status.progress_from_metrics(
                     text, typed.spec.training.total_samples, now()
                 )
         if phase == "Failed":
-            trainer_error = status.trainer_error(self.kube.list(PODS, namespace, _master(want)))
+            trainer_error = status.trainer_error(self.kube.list(PODS, namespace, rank0))
         elif phase == "Succeeded" and old.get("phase") != "Succeeded":
             old_progress = old.get("progress")
             progress = status.final_progress(
-                self.kube.list(PODS, namespace, _master(want)),
+                self.kube.list(PODS, namespace, rank0),
                 MixtureProgress.model_validate(old_progress) if old_progress else None,
                 ChatFlowRun.model_validate(run).spec.training.total_samples,
                 now(),
             )
         return status.run_status(
-            run, want, current, restarts=restarts, progress=progress, preparation=prepared,
+            run, want, state, restarts=restarts, progress=progress, preparation=prepared,
             trainer_error=trainer_error, now=now(),
         )  # fmt: skip
 
@@ -323,11 +319,6 @@ class Reconciler:
         except OSError as e:
             log.debug("cannot read the metrics at %s:%s: %s", ip, port, e)
             return None
-
-
-def _master(job: str) -> str:
-    """The label selector of the job's rank-0 pod (the training operator's labels)."""
-    return f"training.kubeflow.org/job-name={job},training.kubeflow.org/job-role=master"
 
 
 def _preparation_pod(job: str) -> str:

@@ -1,10 +1,12 @@
-"""ChatFlowRun -> the objects that run it: a ConfigMap (the trainer's manifest), a PyTorchJob and,
-with storage, the batch Job that prepares the data before it.
+"""ChatFlowRun -> the objects that run it, whatever the job backend: a ConfigMap (the trainer's
+manifest), with storage the batch Job that prepares the data, and the parts of the training job
+every backend shares (names, labels, the trainer's container and pod); each backend
+(`backends/`) puts the job itself together.
 
 Pure functions of the run; the handlers create, compare and delete what these return.
 
-Children are named `<run>-<digest>`, the digest taken over every spec field a running PyTorchJob
-cannot take in place (see `restart_digest`). A change to one of them therefore names a new job: the
+Children are named `<run>-<digest>`, the digest taken over every spec field a running job cannot
+take in place (see `restart_digest`). A change to one of them therefore names a new job: the
 operator replaces the old job with it, and the new one resumes from the newest checkpoint on the
 run's volume. Fields outside the digest (`suspend`, `runPolicy`) are patched into the job in place.
 """
@@ -17,13 +19,9 @@ from typing import Any
 
 import yaml
 
-from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun, RunPolicy
+from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun
 
-JOB_API_VERSION = "kubeflow.org/v1"
-JOB_KIND = "PyTorchJob"
-CONTAINER = "pytorch"  # the training operator requires this name
 PREPARATION_CONTAINER = "prepare"
-MASTER_PORT = 23456  # the training operator's default, named `pytorchjob-port`
 
 RUN_LABEL = "chatflow.io/run"
 DIGEST_ANNOTATION = "chatflow.io/spec-digest"
@@ -33,10 +31,8 @@ CONFIG_DIR = "/etc/chatflow"
 CONFIG_FILE = "run.yaml"
 SCRATCH_MOUNT = "/data"  # an emptyDir stands in when the run has no `storage`
 
-# Fields a running PyTorchJob takes in place; every other spec change restarts the run.
+# Fields a running job takes in place; every other spec change restarts the run.
 IN_PLACE_FIELDS = ("suspend", "runPolicy")
-# The job's runPolicy fields the run owns: `suspend`, and those of the run's own runPolicy.
-_RUN_POLICY_FIELDS = ("suspend", *(field.alias for field in RunPolicy.model_fields.values()))
 
 # The trainer image's user (trainer_image/Dockerfile). fsGroup makes a fresh PVC writable for it.
 TRAINER_UID = 65532
@@ -61,12 +57,12 @@ def restart_digest(spec: dict[str, Any]) -> str:
 
 
 def job_name(run: dict[str, Any]) -> str:
-    """The name of the ConfigMap and PyTorchJob that run the run's current spec."""
+    """The name of the ConfigMap and job that run the run's current spec."""
     return f"{run['metadata']['name']}-{restart_digest(run['spec'])}"
 
 
 def preparation_job_name(run: dict[str, Any]) -> str:
-    """The name of the Job that prepares the data of the PyTorchJob `job_name(run)`.
+    """The name of the Job that prepares the data of the job `job_name(run)`.
 
     One preparation per job, rather than a name of its own digest over the fields that decide the
     data: those are most of the spec (model, data, schedule, training, image), a second list of
@@ -77,7 +73,7 @@ def preparation_job_name(run: dict[str, Any]) -> str:
 
 
 def prepares(run: dict[str, Any]) -> bool:
-    """Whether the data is prepared by a Job of its own before the PyTorchJob starts. Only with
+    """Whether the data is prepared by a Job of its own before the training job starts. Only with
     storage: without it each pod's volume is an emptyDir of its own, which a preparation pod could
     not hand over to the trainers, so the trainer prepares in place."""
     return run["spec"].get("storage") is not None
@@ -122,6 +118,7 @@ def stale_children(
 
 
 def _metadata(run: dict[str, Any], component: str = "trainer") -> dict[str, Any]:
+    """Of every child: named after the spec's digest, labelled and owned by the run."""
     name = run["metadata"]["name"]
     return {
         "name": job_name(run),
@@ -219,21 +216,34 @@ def _pod_spec(containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -
     }
 
 
-def _container(run: ChatFlowRun, prepared: bool) -> dict[str, Any]:
+def job_metadata(run: dict[str, Any]) -> dict[str, Any]:
+    """The training job's metadata: as every child's, and in the run's Kueue queue."""
+    metadata = _metadata(run)
+    queue = run["spec"].get("queueName")
+    if queue:
+        metadata["labels"][QUEUE_LABEL] = queue
+    return metadata
+
+
+def trainer_container(
+    run: ChatFlowRun, name: str, prepared: bool, ports: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The trainer's container under the name its backend requires, with the backend's `ports`
+    and the run's metrics port."""
     output, cache = paths(run)
     spec = run.spec
-    ports = [{"name": "pytorchjob-port", "containerPort": MASTER_PORT}]
+    ports = list(ports)
     if spec.training.metrics_port:
         ports.append({"name": "metrics", "containerPort": spec.training.metrics_port})
     args = ["--file", f"{CONFIG_DIR}/{CONFIG_FILE}", "--output", output, "--cache-dir", cache]
     if prepared:  # by the preparation Job: the trainer only opens the cache
         args.append("--prepared")
     container = {
-        "name": CONTAINER,
+        "name": name,
         "image": spec.image,
         # torchrun takes nodes, rank, processes and the rendezvous from the PET_* variables the
-        # training operator injects; chatflow.train.torchrun gives its exit status the meaning
-        # the ExitCode restart policy needs (a preempted trainer restarts).
+        # training controller injects; chatflow.train.torchrun gives its exit status the meaning
+        # a restart policy by exit code needs (a preempted trainer restarts).
         "command": ["python", "-m", "chatflow.train.torchrun", "-m", "chatflow.train"],
         "args": args,
         "env": _env(run),
@@ -250,55 +260,15 @@ def _container(run: ChatFlowRun, prepared: bool) -> dict[str, Any]:
     return container
 
 
-def _pod_template(run: ChatFlowRun, config_name: str, prepared: bool) -> dict[str, Any]:
+def pod_template(run: ChatFlowRun, config_name: str, container: dict[str, Any]) -> dict[str, Any]:
+    """The trainers' pod: `container`, the run's volumes and scheduling."""
     spec = run.spec
     volumes = [*_volumes(run, config_name), {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    pod = _pod_spec([_container(run, prepared)], volumes)
+    pod = _pod_spec([container], volumes)
     pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS
     scheduling = spec.scheduling.model_dump(by_alias=True, exclude_none=True)
     pod |= {key: value for key, value in scheduling.items() if value}
     return {"metadata": {"labels": labels(run.metadata.name)}, "spec": pod}
-
-
-def _run_policy(spec: dict[str, Any]) -> dict[str, Any]:
-    """The job's runPolicy: the in-place fields of the run's spec."""
-    return {"suspend": bool(spec.get("suspend", False)), **spec.get("runPolicy", {})}
-
-
-def pytorch_job(run: dict[str, Any]) -> dict[str, Any]:
-    """The PyTorchJob: Master (node rank 0) plus nodes-1 Workers, one trainer per GPU."""
-    typed = ChatFlowRun.model_validate(run)
-    name = job_name(run)
-    template = _pod_template(typed, name, prepares(run))
-    # Exit codes 1-127 fail the job for good (the trainer exits 2 on a bad manifest); 128-255
-    # (SIGTERM's 143, SIGKILL's 137: preemption, node loss) restart the pod, which resumes.
-    replica = {"restartPolicy": "ExitCode", "template": template}
-    replicas = {"Master": {"replicas": 1, **replica}}
-    if typed.spec.nodes > 1:
-        replicas["Worker"] = {"replicas": typed.spec.nodes - 1, **replica}
-    metadata = _metadata(run)
-    if typed.spec.queue_name:
-        metadata["labels"][QUEUE_LABEL] = typed.spec.queue_name
-    return {
-        "apiVersion": JOB_API_VERSION,
-        "kind": JOB_KIND,
-        "metadata": metadata,
-        "spec": {
-            "nprocPerNode": str(typed.spec.gpus_per_node or 1),
-            "runPolicy": _run_policy(run["spec"]),
-            "pytorchReplicaSpecs": replicas,
-        },
-    }
-
-
-def run_policy_patch(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
-    """The merge patch that brings a job's runPolicy in line with the run, or None if it is."""
-    want = _run_policy(run["spec"])
-    have = job["spec"].get("runPolicy", {})
-    changed = {key: value for key, value in want.items() if have.get(key) != value}
-    # A field removed from the run is removed from the job (null deletes in a merge patch).
-    changed |= {key: None for key in have if key not in want and key in _RUN_POLICY_FIELDS}
-    return {"spec": {"runPolicy": changed}} if changed else None
 
 
 def _preparation_resources(run: ChatFlowRun) -> dict[str, Any]:
@@ -315,7 +285,7 @@ def _preparation_resources(run: ChatFlowRun) -> dict[str, Any]:
 def preparation_job(run: dict[str, Any]) -> dict[str, Any]:
     """The batch/v1 Job that tokenizes and packs the sources into the volume's cache, only as far
     as the rest of the run needs (it reads the newest checkpoint's position in the output
-    directory), before the PyTorchJob starts. Only for runs that `prepares()`.
+    directory), before the training job starts. Only for runs that `prepares()`.
 
     One pod, not an Indexed Job: the shards are known only once the sources are read (the plan
     bounds them), so they cannot be split among pods ahead of time; the pod's `workers` processes

@@ -1,5 +1,6 @@
-"""A ChatFlowRun's status, computed from its PyTorchJob and its trainer's metrics, or while the data
-is prepared, from the preparation Job and its metrics. Pure functions.
+"""A ChatFlowRun's status, computed from its job's state (which its backend reads from the job) and
+its trainer's metrics, or while the data is prepared, from the preparation Job and its metrics.
+Pure functions.
 
 Progress comes from rank 0's Prometheus endpoint, which the operator reads while the job runs,
 rather than from the trainer writing to the Kubernetes API: the trainer then needs no credentials
@@ -16,39 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatflow import metric_names as names
 from chatflow.spec import ChatFlowRunStatus, Condition, MixtureProgress, PreparationProgress
+from chatflow_operator.backends import JobState
 
-# The job's condition types, in the order that breaks ties between conditions set in the same
-# second: a finished job stays finished.
-JOB_PHASES = {
-    "Created": "Pending",
-    "Running": "Running",
-    "Restarting": "Restarting",
-    "Suspended": "Suspended",
-    "Succeeded": "Succeeded",
-    "Failed": "Failed",
-}
 TERMINAL = ("Succeeded", "Failed")
 # A batch Job's conditions as the phase of a run preparing its data, the first True one winning.
 BATCH_PHASES = {"Failed": "Failed", "Complete": "Succeeded", "Suspended": "Suspended"}
 TRAINER_ERROR = "TrainerError"  # the reason of a Failed condition that carries the trainer's error
 PREPARATION_FAILED = "PreparationFailed"  # the same, when the data preparation failed
-
-
-def _current_condition(job: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The job's newest True condition: the state the training operator last moved it to."""
-    conditions = ((job or {}).get("status") or {}).get("conditions") or []
-    true = [c for c in conditions if c.get("status") == "True" and c.get("type") in JOB_PHASES]
-    order = list(JOB_PHASES)
-    return max(
-        true,
-        key=lambda c: (c.get("lastTransitionTime") or "", order.index(c["type"])),
-        default=None,
-    )
-
-
-def job_phase(job: dict[str, Any] | None) -> str:
-    condition = _current_condition(job)
-    return JOB_PHASES[condition["type"]] if condition else "Pending"
 
 
 def preparation_phase(job: dict[str, Any]) -> str:
@@ -83,25 +58,10 @@ def _preparation_condition(job: dict[str, Any], error: str | None, generation: i
     )
 
 
-def _mirrored(job: dict[str, Any] | None, generation: int) -> list[Condition]:
-    conditions = ((job or {}).get("status") or {}).get("conditions") or []
-    return [
-        Condition(
-            type=c["type"],
-            status=c.get("status", "Unknown"),
-            reason=c.get("reason"),
-            message=c.get("message"),
-            last_transition_time=c.get("lastTransitionTime"),
-            observed_generation=generation,
-        )
-        for c in conditions
-    ]
-
-
 def run_status(
     run: dict[str, Any],
     job_name: str,
-    job: dict[str, Any] | None,
+    job: JobState | None,
     *,
     preparing: dict[str, Any] | None = None,
     replacing: str | None = None,
@@ -111,14 +71,15 @@ def run_status(
     trainer_error: str | None = None,
     now: str,
 ) -> dict[str, Any]:
-    """The status to write: `job` is the current spec's job (None until it exists); `preparing`
-    the Job that prepares its data, while that is the current step; `replacing` names an outdated
-    job still being deleted, during which the run is Restarting; `trainer_error` is why a failed
-    job's trainer, or the failed preparation, gave up (see trainer_error())."""
+    """The status to write: `job` is the state of the current spec's job (None until it
+    exists); `preparing` the Job that prepares its data, while that is the current step;
+    `replacing` names an outdated job still being deleted, during which the run is Restarting;
+    `trainer_error` is why a failed job's trainer, or the failed preparation, gave up (see
+    trainer_error())."""
     old = ChatFlowRunStatus.model_validate(run.get("status") or {})
     generation = run["metadata"].get("generation", 0)
-    conditions = _mirrored(job, generation)
-    phase = job_phase(job)
+    job = job or JobState("Pending")
+    conditions, phase = job.conditions, job.phase
     if preparing is not None:
         phase = preparation_phase(preparing)
         conditions = [_preparation_condition(preparing, trainer_error, generation)]
@@ -145,14 +106,13 @@ def run_status(
                 observed_generation=generation,
             )
         ]
-    job_status = (job or {}).get("status") or {}
     status = ChatFlowRunStatus(
         phase=phase,
         observed_generation=generation,
         job_name=job_name,
         restarts=restarts,
-        start_time=job_status.get("startTime") or old.start_time,
-        completion_time=job_status.get("completionTime"),
+        start_time=job.start_time or old.start_time,
+        completion_time=job.completion_time,
         conditions=conditions,
         progress=progress or old.progress,
         preparation=preparation or old.preparation,
