@@ -157,7 +157,7 @@ def test_only_restart_worthy_changes_rename_the_job() -> None:
     assert base not in names and len(names) == len(restarting)
 
 
-def test_run_policy_patch_toggles_suspend_and_drops_removed_fields() -> None:
+def test_in_place_patch_toggles_suspend_and_drops_removed_run_policy_fields() -> None:
     run = cluster_run()
     job = pytorchjob.render_job(run)
     assert pytorchjob.in_place_patch(run, job) is None

@@ -376,6 +376,31 @@ def test_safetensors_reader_reads_what_safetensors_wrote(tmp_path: Path) -> None
         last = max(reader.keys(), key=lambda k: reader.header[k]["data_offsets"][1])
         with pytest.raises(ValueError, match=f"{last} is cut short"):
             reader.read(last)
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        SafetensorsReader(tmp_path / "short.safetensors")
+    save_file({"fp8": torch.zeros(4, dtype=torch.float8_e4m3fn)}, tmp_path / "fp8.safetensors")
+    with (
+        SafetensorsReader(tmp_path / "fp8.safetensors") as reader,
+        pytest.raises(ValueError, match="fp8 is F8_E4M3, which is not read here"),
+    ):
+        reader.read("fp8")
+
+
+def test_saved_buffers_are_the_persistent_ones() -> None:
+    import torch
+
+    from chatflow.train.model import _saved_buffers
+
+    class Norm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(3))
+            self.register_buffer("cache", torch.ones(3), persistent=False)
+
+    model = torch.nn.Sequential(Norm())
+    model.register_buffer("top", torch.zeros(1))
+    assert sorted(_saved_buffers(model)) == ["0.scale", "top"]
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
 """Bring one ChatFlowRun's children in line with its spec and write its status.
 
-Level-triggered: every call reads what exists and converges on what `render` says should, whatever
-triggered it (a spec change, a job's status change, a deleted child, the progress timer, an operator
-restart). Children have deterministic names, so a create that finds its child already there adopts
-it instead of making a second one, and a child of the run under any other name is deleted.
+Level-triggered: every call reads what exists and converges on what `render` and the job backend
+(`backends/`) say should, whatever triggered it (a spec change, a job's status change, a deleted
+child, the progress timer, an operator restart). Children have deterministic names, so a create
+that finds its child already there adopts it instead of making a second one, and a child of the
+run under any other name is deleted.
 """
 
 from __future__ import annotations

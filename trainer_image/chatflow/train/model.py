@@ -116,46 +116,78 @@ def _random_init_skipped() -> Iterator[None]:
 
 
 def _stream_weights(model: Any, files: list[Path], directory: Path) -> None:
-    """Each parameter of the partitioned `model` gathered in turn and written by rank 0."""
+    """Each parameter of the partitioned `model` gathered in turn and written by rank 0; the
+    buffers the checkpoint holds (not partitioned) read by every rank."""
     import deepspeed
 
     parameters = dict(model.named_parameters())
-    missing = set(parameters)
+    buffers = _saved_buffers(model)
+    missing = set(parameters) | set(buffers)
     rank = torch.distributed.get_rank()
     with torch.no_grad():
         for file in files:
             with SafetensorsReader(file) as weights:
                 # Every rank in the same order: each gather is a collective.
                 for key in sorted(weights.keys()):
-                    if key not in parameters:
-                        continue  # a buffer (rotary frequencies) the model computes itself
-                    with deepspeed.zero.GatheredParameters([parameters[key]], modifier_rank=0):
-                        if rank == 0:
-                            parameters[key].copy_(weights.read(key))
+                    if key in buffers:
+                        _copy(buffers[key], weights.read(key), file, key)
+                    elif key in parameters:
+                        parameter = parameters[key]
+                        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+                            if rank == 0:
+                                _copy(parameter, weights.read(key), file, key)
                     missing.discard(key)
     if missing:
         raise ValueError(f"{directory} has no weights for {sorted(missing)[0]}")
 
 
+def _saved_buffers(model: Any) -> dict[str, torch.Tensor]:
+    """The buffers a checkpoint holds (rotary frequencies, computed as the model is built, are
+    not saved)."""
+    return {
+        f"{module_name}.{name}" if module_name else name: buffer
+        for module_name, module in model.named_modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if name not in module._non_persistent_buffers_set
+    }
+
+
+def _copy(target: torch.Tensor, tensor: torch.Tensor, file: Path, key: str) -> None:
+    if tensor.shape != target.shape:  # copy_ would broadcast
+        raise ValueError(
+            f"{file}: {key} has shape {list(tensor.shape)}, the model {list(target.shape)}"
+        )
+    target.copy_(tensor)
+
+
 class SafetensorsReader:
     """Tensors of a .safetensors file, each read on request into memory of its own.
 
-    safetensors' `safe_open` maps the file, and every page read stays in the reader's resident
-    memory until the file is closed: 10 GB on rank 0 for one file of LLaMA-2-7B. Read with
-    `readinto`, the pages are page cache only, which the kernel drops under pressure.
+    safetensors' `safe_open` maps the file, and every page read counts in the reader's resident
+    memory (and a container's working set) until the file is closed: 10 GB on rank 0 for one
+    file of LLaMA-2-7B. Read with `readinto`, the pages are page cache only.
     """
 
     DTYPES: ClassVar[dict[str, torch.dtype]] = {
         "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
         "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U8": torch.uint8, "BOOL": torch.bool,
+        "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+        "BOOL": torch.bool,
     }  # fmt: skip
+    MAX_HEADER = 100_000_000  # safetensors' own limit
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file = path.open("rb", buffering=0)
-        size = int.from_bytes(self.file.read(8), "little")
-        self.header = json.loads(self.file.read(size))
+        try:
+            head = self.file.read(8)
+            size = int.from_bytes(head, "little")
+            if len(head) < 8 or size > self.MAX_HEADER:
+                raise ValueError(f"{path}: not a safetensors file (header size {size})")
+            self.header = json.loads(self.file.read(size))
+        except BaseException:
+            self.file.close()
+            raise
         self.header.pop("__metadata__", None)
         self.data_start = 8 + size
 
@@ -171,6 +203,8 @@ class SafetensorsReader:
     def read(self, key: str) -> torch.Tensor:
         entry = self.header[key]
         begin, end = entry["data_offsets"]
+        if entry["dtype"] not in self.DTYPES:  # FP8 would need its scales applied too
+            raise ValueError(f"{self.path}: {key} is {entry['dtype']}, which is not read here")
         tensor = torch.empty(entry["shape"], dtype=self.DTYPES[entry["dtype"]])
         buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
         if end - begin != len(buffer):
