@@ -41,6 +41,8 @@ run: setup
 generate: setup
 	$(BIN)/chatflow-operator crd > manifests/base/crd.yaml
 	$(BIN)/chatflow-operator crd --helm > charts/chatflow-operator/templates/crd.yaml
+	$(BIN)/chatflow-operator runtime > manifests/trainjob/clustertrainingruntime.yaml
+	$(BIN)/chatflow-operator runtime --helm > charts/chatflow-operator/templates/clustertrainingruntime.yaml
 	$(BIN)/python -m chatflow_operator.reference > docs/reference.md
 	$(BIN)/python -m chatflow.observability
 

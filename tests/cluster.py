@@ -56,6 +56,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tool_output(script: str, *args: str) -> list[Path]:
+    """What tests/tools/<script> prints, a path a line: the binary it built (cached), or with
+    --crds the CRD files of its module."""
+    tool = REPO / "tests" / "tools" / script
+    out = subprocess.run([tool, *args], check=True, stdout=subprocess.PIPE, text=True).stdout
+    return [Path(line) for line in out.splitlines()]
+
+
 def install_operator_manifests(cp: ControlPlane) -> None:
     """The kustomize base, as a user installs it. Applied twice: the second pass creates the
     objects of CRDs the first one installed (the ClusterKopfPeering)."""

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from chatflow.examples import build_tiny_example, save_llama_tokenizer
-from cluster import CHART, NAMESPACE, RELEASE, Helm, Operator, install_operator_manifests
+from cluster import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    Helm,
+    Operator,
+    install_operator_manifests,
+    tool_output,
+)
 from controlplane import ControlPlane
 from node import Node
 
@@ -40,9 +48,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """A real control plane with the PyTorchJob CRD and the operator's manifests installed."""
+    """A real control plane with the PyTorchJob and Trainer v2 CRDs and the operator's manifests
+    installed."""
     with ControlPlane(tmp_path_factory.mktemp("controlplane")) as cp:
         cp.install_pytorchjob_crd()
+        for crd in tool_output("trainer.sh", "--crds"):
+            cp.install_crd(crd)
         install_operator_manifests(cp)
         yield cp
 
@@ -79,8 +90,11 @@ def release(node: Node, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The operator, installed as README says: helm install of the chart, the image ours. Once
     per session, as the node: a second install of the release would fail."""
     helm = Helm(tmp_path_factory.mktemp("helm"))
+    # As manifests/examples asks of the tiny run's own preparation: a small one beside the
+    # node's other pods, for its TrainJobs (the runtime's default asks 2 CPUs and 4Gi).
+    small = '{"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}'
     helm("install", RELEASE, str(CHART), f"--namespace={NAMESPACE}", "--create-namespace",
-         cp=node.cp)  # fmt: skip
+         f"--set-json=trainJob.runtime.preparationResources={small}", cp=node.cp)  # fmt: skip
     node.kubectl(f"--namespace={NAMESPACE}", "rollout", "status", f"deployment/{RELEASE}",
                  "--timeout=180s")  # fmt: skip
     return RELEASE

@@ -126,6 +126,8 @@ BAD_INPUTS = [
         "spec.scheduling.tolerations[0].value: not allowed with Exists",
     ),
     ("spec.runPolicy", {"backoffLimit": -1}, "spec.runPolicy.backoffLimit: Input should be"),
+    ("spec.backend", "trainjob", "spec.storage: required with backend trainjob"),
+    ("spec.backend", "tfjob", "spec.backend: got 'tfjob'"),
     ("metadata.name", "r" * 46, "metadata.name: String should have at most 45 characters"),
     ("kind", "PyTorchJob", "kind: got 'PyTorchJob'"),
     ("apiVersion", "chatflow.io/v1", "apiVersion: got 'chatflow.io/v1'"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from chatflow_operator.backends.trainjob import runtime_yaml
 from chatflow_operator.crd import crd, crd_yaml, schema
 from chatflow_operator.reference import reference
 
@@ -17,6 +18,13 @@ COMMITTED = REPO / "manifests" / "base" / "crd.yaml"
 def test_committed_crd_is_the_generated_one() -> None:
     assert COMMITTED.read_text() == crd_yaml(), (
         "manifests/base/crd.yaml is stale: run `chatflow-operator crd > manifests/base/crd.yaml`"
+    )
+
+
+def test_committed_trainjob_runtime_is_the_generated_one() -> None:
+    committed = REPO / "manifests" / "trainjob" / "clustertrainingruntime.yaml"
+    assert committed.read_text() == runtime_yaml(), (
+        "manifests/trainjob/clustertrainingruntime.yaml is stale: run `make generate`"
     )
 
 

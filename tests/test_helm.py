@@ -18,6 +18,7 @@ import yaml
 
 from chatflow.observability.queries import OPERATOR_JOB, PREPARATION_JOB, TRAINER_JOB
 from chatflow_operator import crd as crd_generator
+from chatflow_operator.backends import trainjob
 from chatflow_operator.backends.pytorchjob import render_job as pytorch_job
 from chatflow_operator.render import preparation_job
 from cluster import CHART, NAMESPACE, RELEASE, REPO, Docs, Helm, wait_for
@@ -66,6 +67,40 @@ def test_crd_template_is_the_generated_one() -> None:
         "the chart's CRD is stale: run "
         "`chatflow-operator crd --helm > charts/chatflow-operator/templates/crd.yaml`"
     )
+
+
+def test_trainjob_runtime_template_is_the_generated_one() -> None:
+    assert (
+        CHART / "templates" / "clustertrainingruntime.yaml"
+    ).read_text() == trainjob.runtime_helm_template(), (
+        "the chart's ClusterTrainingRuntime is stale: run `make generate`"
+    )
+
+
+TRAINER_V2 = "--api-versions=trainer.kubeflow.org/v1alpha1/ClusterTrainingRuntime"
+
+
+def test_trainjob_runtime_only_where_trainer_v2_is_served(helm: Helm) -> None:
+    assert not of_kind(helm.template(), "ClusterTrainingRuntime")
+    runtime = one(helm.template(TRAINER_V2), "ClusterTrainingRuntime")
+    # The generated manifest's, with the chart's labels.
+    expected = trainjob.runtime()
+    assert runtime["metadata"]["labels"]["app.kubernetes.io/part-of"] == "chatflow"
+    runtime["metadata"]["labels"] = expected["metadata"]["labels"]
+    assert runtime == expected
+    custom = one(
+        helm.template(TRAINER_V2, "--set=trainJob.runtime.image=registry.example/trainer:2",
+                      "--set=trainJob.runtime.preparationResources.limits.memory=64Gi"),
+        "ClusterTrainingRuntime",
+    )  # fmt: skip
+    initializer, node = custom["spec"]["template"]["spec"]["replicatedJobs"]
+    (prepare,) = initializer["template"]["spec"]["template"]["spec"]["containers"]
+    assert prepare["image"] == node["template"]["spec"]["template"]["spec"]["containers"][0][
+        "image"
+    ] == "registry.example/trainer:2"  # fmt: skip
+    assert prepare["resources"]["limits"]["memory"] == "64Gi"
+    off = helm.template(TRAINER_V2, "--set=trainJob.runtime.enabled=false")
+    assert not of_kind(off, "ClusterTrainingRuntime")
 
 
 def test_kopf_peering_crds_are_the_kustomize_bases() -> None:

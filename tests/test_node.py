@@ -120,7 +120,8 @@ class Run:
 
     def diagnose(self) -> str:
         """The run, its jobs and pods, and the pods' last log lines: for failure messages."""
-        parts = [self.kubectl("get", "cfr,jobs,pytorchjobs,pods", "-o", "wide", check=False).stdout]
+        kinds = "cfr,jobs,pytorchjobs,trainjobs,jobsets,pods"
+        parts = [self.kubectl("get", kinds, "-o", "wide", check=False).stdout]
         for pod in self.pods():
             name = pod["metadata"]["name"]
             logs = self.kubectl("logs", name, "--tail=25", "--all-containers", check=False)
@@ -394,3 +395,59 @@ def test_a_missing_data_path_fails_the_run_naming_the_field(
     assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "preparation"
     assert pod["status"]["phase"] == "Failed"
     assert run.kubectl("get", "pytorchjobs", "-o", "name").stdout == ""
+
+
+def test_tiny_example_as_a_trainjob_prepares_trains_survives_a_lost_pod_and_suspends(
+    node: Node, release: str, namespace: str
+) -> None:
+    """On Kubeflow Trainer v2 (its manager and JobSet's, real): the runtime's dataset-initializer
+    prepares the data before the nodes start; a deleted pod of node rank 0 and a suspend are
+    both resumed from a checkpoint; the run ends Succeeded, trained exactly."""
+
+    def as_trainjob(docs: dict[str, Any]) -> None:
+        checkpoint_early(docs)
+        docs["ChatFlowRun"]["spec"]["backend"] = "trainjob"
+
+    run = apply_tiny(node, namespace, as_trainjob)
+    run.wait_checkpoint(EARLY_CHECKPOINT)
+    status = run.status()
+    job = status["jobName"]
+    assert {"Preparing", "Running"} <= run.events()
+    trainjob = run.get("trainjob", job)
+    assert trainjob["spec"]["runtimeRef"]["name"] == "chatflow"
+    # The preparation ran once, in the initializer's pod, and had ended before the nodes began.
+    (preparation,) = run.pods("preparation")
+    assert preparation["status"]["phase"] == "Succeeded"
+    prepared = preparation["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"]
+    trainers = run.pods("trainer")
+    assert len(trainers) == 2
+    assert all(p["metadata"]["creationTimestamp"] >= prepared for p in trainers)
+
+    rank0 = ("jobset.sigs.k8s.io/replicatedjob-name=node,"
+             "batch.kubernetes.io/job-completion-index=0")  # fmt: skip
+    run.kubectl("delete", "pod", "-l", rank0, "--wait=false")
+    history = run.output / "history.jsonl"
+
+    def starts() -> list[int]:
+        records = map(json.loads, history.read_text().splitlines())
+        return [r["step"] for r in records if r["event"] == "precision"]
+
+    run.wait("the trainers to resume after the lost pod",
+             lambda _: len(starts()) >= 2 and starts()[-1] >= EARLY_CHECKPOINT)  # fmt: skip
+
+    run.patch({"suspend": True})
+    run.wait_phase("Suspended", timeout=180)
+
+    def live() -> list[dict[str, Any]]:
+        # The Job controller keeps failed pods (the lost pod's peer, which ended with 143).
+        return [p for p in run.pods("trainer") if p["status"]["phase"] in ("Pending", "Running")]
+
+    wait_for(lambda: not live(), "the pods to go", 180)
+    run.patch({"suspend": False})
+    status = run.wait_phase("Succeeded")
+    assert status["jobName"] == job  # neither the lost pod nor suspend replaced the job
+    assert status["progress"]["step"] == STEPS and status["progress"]["fraction"] == 1.0
+    assert len(starts()) >= 3, starts()
+    assert_trained_exactly(run)
+    complete = run.get("trainjob", job)["status"]["conditions"]
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in complete), complete

@@ -35,6 +35,7 @@ from factories import tiny_manifest
 
 EXAMPLES = REPO / "manifests" / "examples"
 JOBS = "pytorchjobs.kubeflow.org"
+TRAINJOBS = "trainjobs.trainer.kubeflow.org"
 PREPARATIONS = "jobs.batch"
 RUNS = "chatflowruns.chatflow.io"
 
@@ -426,6 +427,36 @@ def test_restart_worthy_change_replaces_the_job(
     assert "Restarting" in reasons
     leftover = items(cluster, "configmaps", namespace, "chatflow.io/run=tiny")
     assert [c["metadata"]["name"] for c in leftover] == [new["metadata"]["name"]]
+
+
+def test_switching_backend_replaces_the_trainjob_with_a_pytorchjob(
+    cluster: ControlPlane, operator: Operator, namespace: str
+) -> None:
+    """(Trainer v2's CRDs here, not its controller: tests/test_node.py runs TrainJobs.)"""
+    storage = {"claimName": "tiny-data"}
+    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml", storage=storage, backend="trainjob")
+    old = wait_for(lambda: items(cluster, TRAINJOBS, namespace, "chatflow.io/run=tiny"),
+                   "the TrainJob")[0]  # fmt: skip
+    # Created at once: its runtime's initializer prepares the data, not a Job of ours.
+    assert items(cluster, PREPARATIONS, namespace) == []
+    env = {e["name"]: e.get("value") for e in old["spec"]["initializer"]["dataset"]["env"]}
+    assert env["CHATFLOW_OUTPUT"] == "/data/runs/tiny"
+    wait_for(lambda: run_status(cluster, namespace, "tiny").get("phase") == "Pending", "Pending")
+
+    apply_run(cluster, namespace, EXAMPLES / "tiny.yaml", storage=storage, backend="pytorchjob")
+    wait_for(lambda: not items(cluster, TRAINJOBS, namespace), "the TrainJob to go")
+    # The PyTorchJob's preparation Job, on the same volume and output: it resumes the run.
+    preparation = the_preparation(cluster, namespace, "tiny")
+    args = preparation["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--output") + 1] == "/data/runs/tiny"
+    status = wait_for(
+        lambda: (s := run_status(cluster, namespace, "tiny")).get("phase") == "Preparing" and s,
+        "the new job's preparation",
+    )
+    assert status["restarts"] == 1 and status["jobName"] != old["metadata"]["name"]
+    messages = [m for r, m in events(cluster, namespace, "tiny") if r == "Restarting"]
+    assert any(f"replacing TrainJob {old['metadata']['name']} with PyTorchJob" in m
+               for m in messages), messages  # fmt: skip
 
 
 def test_killed_between_config_map_and_job_converges_to_one_of_each(

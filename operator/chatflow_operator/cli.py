@@ -1,4 +1,4 @@
-"""`chatflow-operator`: run the operator, or print the CRD it serves."""
+"""`chatflow-operator`: run the operator, or print the CRD it serves or the TrainJob runtime."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 import kopf
 
+from chatflow.spec import DEFAULT_IMAGE
 from chatflow_operator import crd, handlers, metrics
+from chatflow_operator.backends import trainjob
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,7 +23,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     crd_command.add_argument(
         "--helm", action="store_true", help="as the Helm chart's template (templates/crd.yaml)"
     )
-    run = commands.add_parser("run", help="reconcile ChatFlowRuns into PyTorchJobs")
+    runtime_command = commands.add_parser(
+        "runtime",
+        help="print the ClusterTrainingRuntime that runs' TrainJobs run on (backend trainjob)",
+    )
+    runtime_command.add_argument(
+        "--image", default=DEFAULT_IMAGE, help="the trainer image its data preparation runs"
+    )
+    runtime_command.add_argument(
+        "--helm",
+        action="store_true",
+        help="as the Helm chart's template (templates/clustertrainingruntime.yaml)",
+    )
+    run = commands.add_parser("run", help="reconcile ChatFlowRuns into PyTorchJobs or TrainJobs")
     scope = run.add_mutually_exclusive_group(required=True)
     scope.add_argument(
         "--namespace", action="append", help="watch this namespace (repeat for several)"
@@ -49,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "crd":
         sys.stdout.write(crd.crd_helm_template() if args.helm else crd.crd_yaml())
+        return 0
+    if args.command == "runtime":
+        sys.stdout.write(
+            trainjob.runtime_helm_template() if args.helm else trainjob.runtime_yaml(args.image)
+        )
         return 0
 
     logging.basicConfig(

@@ -19,12 +19,12 @@ import kopf
 
 from chatflow.spec import API_GROUP
 from chatflow_operator import metrics, render
-from chatflow_operator.backends import pytorchjob
+from chatflow_operator.backends import backends
 from chatflow_operator.bookkeeping import MemoryDiffBase, MemoryProgress
 from chatflow_operator.kube import BATCH_JOBS, CONFIG_MAPS, RUNS, ApiError, Kube
 from chatflow_operator.reconcile import ChildConflict, Reconciler
 
-BACKEND = pytorchjob
+BACKENDS = backends()
 CHILD = {render.RUN_LABEL: kopf.PRESENT}
 # Handlers are synchronous (blocking HTTP) and run in a pool of this many threads.
 WORKERS = 32
@@ -63,9 +63,10 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
         # 200 runs created at once should not queue behind a handful of threads.
         settings.execution.max_workers = WORKERS
         # Only our children: the API server filters the watch streams, not this process.
-        for resource in (BACKEND.resource, BATCH_JOBS, CONFIG_MAPS):
+        job_kinds = [backend.resource for backend in BACKENDS.values()]
+        for resource in (*job_kinds, BATCH_JOBS, CONFIG_MAPS):
             settings.watching.label_selectors[resource.watched] = render.RUN_LABEL
-        memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event, BACKEND)
+        memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event, BACKENDS)
 
     # On startup every run: its children may have changed while no operator watched.
     @kopf.on.resume(*RUNS.watched, id="startup", backoff=RETRY_SECONDS, registry=registry)
@@ -93,12 +94,14 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
             memo.reconciler.reconcile(dict(body), scrape=True)
 
     # Our own creations (ADDED) need no second look; status changes and deletions do.
-    @kopf.on.event(*BACKEND.resource.watched, labels=CHILD, registry=registry)
-    @kopf.on.event(*BATCH_JOBS.watched, labels=CHILD, registry=registry)
     def job_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if type in ("MODIFIED", "DELETED"):
             with reconciling("child"):
                 memo.reconciler.reconcile_child(dict(body))
+
+    # A kind whose CRD the cluster lacks is not watched (kopf warns) until the CRD appears.
+    for resource in (*[backend.resource for backend in BACKENDS.values()], BATCH_JOBS):
+        kopf.on.event(*resource.watched, labels=CHILD, registry=registry)(job_changed)
 
     # ConfigMaps are immutable: only their deletion matters.
     @kopf.on.event(*CONFIG_MAPS.watched, labels=CHILD, registry=registry)

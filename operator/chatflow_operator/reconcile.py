@@ -13,14 +13,23 @@ import logging
 import threading
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from chatflow.spec import ChatFlowRun, MixtureProgress
 from chatflow_operator import render, status
 from chatflow_operator.backends import JobBackend
-from chatflow_operator.kube import BATCH_JOBS, CONFIG_MAPS, PODS, RUNS, Conflict, Kube, Resource
+from chatflow_operator.kube import (
+    BATCH_JOBS,
+    CONFIG_MAPS,
+    PODS,
+    RUNS,
+    ApiError,
+    Conflict,
+    Kube,
+    Resource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +56,13 @@ def _deleting(child: dict[str, Any]) -> bool:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, post_event: EventSink, backend: JobBackend) -> None:
-        """`backend`: the kind of job that trains (see backends/)."""
+    def __init__(
+        self, kube: Kube, post_event: EventSink, backends: Mapping[str, JobBackend]
+    ) -> None:
+        """`backends`: the kinds of job that train, by their name in `spec.backend`."""
         self.kube = kube
         self._post_event = post_event
-        self.backend = backend
+        self.backends = backends
         # Job events and the run's own handlers may reconcile one run at once from different
         # threads; one at a time per run keeps each pass's read-then-write consistent.
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -117,7 +128,7 @@ class Reconciler:
     def _converge(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
         meta = run["metadata"]
         namespace, selector = meta["namespace"], f"{render.RUN_LABEL}={meta['name']}"
-        backend, generation = self.backend, meta.get("generation", 0)
+        backend, generation = self.backends[run["spec"]["backend"]], meta.get("generation", 0)
         want = render.job_name(run)
         old = run.get("status") or {}
         restarts = old.get("restarts", 0)
@@ -128,23 +139,26 @@ class Reconciler:
             and old.get("observedGeneration") == meta["generation"]
         )
 
-        jobs = self.kube.list(backend.resource, namespace, selector)
+        # Every backend's: a run that changed backend has its old job of the other kind.
+        jobs = [(b, self._jobs(b, namespace, selector)) for b in self.backends.values()]
         config_maps = self.kube.list(CONFIG_MAPS, namespace, selector)
         preparations = self.kube.list(BATCH_JOBS, namespace, selector)
         # Every pass deletes all that the current spec does not name, not just what the pass that
         # saw a spec change replaced: a pass killed between its writes, or a ConfigMap made for a
         # spec that changed again before its job was created, leaves children no later spec names.
         replacing = None
-        for stale in render.stale_children(run, jobs):
-            name = replacing = stale["metadata"]["name"]
-            if not _deleting(stale):
-                # Foreground: the job object stays until its pods are gone, so the new job cannot
-                # start writing checkpoints while the old pods still save theirs.
-                self.kube.delete(backend.resource, namespace, name, foreground=True)
-                restarts += 1
-                self.post_event(
-                    run, "Normal", "Restarting", f"spec changed: replacing job {name} with {want}"
-                )
+        for owner, found in jobs:
+            for stale in render.stale_children(run, found):
+                name = replacing = stale["metadata"]["name"]
+                if not _deleting(stale):
+                    # Foreground: the job object stays until its pods are gone, so the new job
+                    # cannot start writing checkpoints while the old pods still save theirs.
+                    self.kube.delete(owner.resource, namespace, name, foreground=True)
+                    restarts += 1
+                    self.post_event(
+                        run, "Normal", "Restarting",
+                        f"spec changed: replacing {owner.kind} {name} with {backend.kind} {want}",
+                    )  # fmt: skip
         for stale in render.stale_children(run, config_maps):
             if not _deleting(stale):
                 self.kube.delete(CONFIG_MAPS, namespace, stale["metadata"]["name"])
@@ -159,7 +173,8 @@ class Reconciler:
                 run, want, None, replacing=replacing, restarts=restarts, now=now()
             )
 
-        current, config = _named(jobs, want), _named(config_maps, want)
+        current = _named(next(found for b, found in jobs if b is backend), want)
+        config = _named(config_maps, want)
         if finished and current is None:
             return old
         # The ConfigMap first: the job's pods mount it.
@@ -171,17 +186,19 @@ class Reconciler:
                 self.post_event(run, "Normal", "Created", f"re-created ConfigMap {want}")
         # With storage the data is prepared before the job starts; once the job exists, that is
         # done (a preparation Job deleted after, say by hand, is not run again).
+        # A backend whose job prepares the data itself is created at once.
+        by_job = render.prepares(run) and not backend.prepares_data
         prepared = None
-        if current is None and render.prepares(run):
+        if current is None and by_job:
             preparation = self._prepare(run, _named(preparations, preparing))
             if status.preparation_phase(preparation) != "Succeeded":
-                return self._preparing_status(run, want, preparation, restarts, scrape)
+                return self._preparing_status(run, backend, want, preparation, restarts, scrape)
             prepared = status.prepared(old, now())
         if current is None:
             current = self._ensure(run, backend.render_job(run), backend.resource)
             made = (
                 f"{backend.kind} {want} (Job {preparing} prepared the data)"
-                if render.prepares(run)
+                if by_job
                 else f"ConfigMap and {backend.kind} {want}"
             )
             self.post_event(run, "Normal", "Created", f"created {made}")
@@ -194,6 +211,12 @@ class Reconciler:
         progress, trainer_error = None, None
         state = backend.state(current, generation)
         phase, rank0 = state.phase, backend.rank0_pods(want)
+        if scrape and phase == "Preparing":
+            text = self._metrics(run, backend.preparation_pods(want))
+            if text is not None:
+                prepared = status.preparation_from_metrics(text, now())
+        elif backend.prepares_data and phase == "Running" and old.get("phase") == "Preparing":
+            prepared = status.prepared(old, now())
         if scrape and phase == "Running":
             typed = ChatFlowRun.model_validate(run)
             text = self._metrics(run, rank0)
@@ -202,7 +225,8 @@ class Reconciler:
                     text, typed.spec.training.total_samples, now()
                 )
         if phase == "Failed":
-            trainer_error = status.trainer_error(self.kube.list(PODS, namespace, rank0))
+            failed = backend.preparation_pods(want) if state.preparing else rank0
+            trainer_error = status.trainer_error(self.kube.list(PODS, namespace, failed))
         elif phase == "Succeeded" and old.get("phase") != "Succeeded":
             old_progress = old.get("progress")
             progress = status.final_progress(
@@ -215,6 +239,15 @@ class Reconciler:
             run, want, state, restarts=restarts, progress=progress, preparation=prepared,
             trainer_error=trainer_error, now=now(),
         )  # fmt: skip
+
+    def _jobs(self, backend: JobBackend, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The run's jobs of `backend`; none where the cluster does not serve its kind."""
+        try:
+            return self.kube.list(backend.resource, namespace, selector)
+        except ApiError as e:
+            if e.status == 404:
+                return []
+            raise
 
     def _ensure(self, run: dict[str, Any], child: dict[str, Any], kind: Resource) -> dict[str, Any]:
         """Create `child`, or adopt the one of that name that is already there."""
@@ -278,6 +311,7 @@ class Reconciler:
     def _preparing_status(
         self,
         run: dict[str, Any],
+        backend: JobBackend,
         want: str,
         preparation: dict[str, Any],
         restarts: int,
@@ -285,15 +319,15 @@ class Reconciler:
     ) -> dict[str, Any]:
         """The status while the data is prepared: its progress read from the pod's metrics, or
         when it failed, the error the pod ended with."""
-        namespace, name = run["metadata"]["namespace"], preparation["metadata"]["name"]
+        namespace, pods = run["metadata"]["namespace"], backend.preparation_pods(want)
         phase = status.preparation_phase(preparation)
         progress, error = None, None
         if scrape and phase == "Preparing":
-            text = self._metrics(run, _preparation_pod(name))
+            text = self._metrics(run, pods)
             if text is not None:
                 progress = status.preparation_from_metrics(text, now())
         if phase == "Failed":
-            error = status.trainer_error(self.kube.list(PODS, namespace, _preparation_pod(name)))
+            error = status.trainer_error(self.kube.list(PODS, namespace, pods))
         return status.run_status(
             run, want, None, preparing=preparation, restarts=restarts, preparation=progress,
             trainer_error=error, now=now(),
@@ -320,8 +354,3 @@ class Reconciler:
         except OSError as e:
             log.debug("cannot read the metrics at %s:%s: %s", ip, port, e)
             return None
-
-
-def _preparation_pod(job: str) -> str:
-    """The label selector of the preparation Job's pods (the Job controller's label)."""
-    return f"batch.kubernetes.io/job-name={job}"

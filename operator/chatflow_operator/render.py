@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun
+from chatflow.spec import API_VERSION, GPU_RESOURCE, KIND, ChatFlowRun, ChatFlowRunSpec
 
 PREPARATION_CONTAINER = "prepare"
 
@@ -30,9 +30,11 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_DIR = "/etc/chatflow"
 CONFIG_FILE = "run.yaml"
 SCRATCH_MOUNT = "/data"  # an emptyDir stands in when the run has no `storage`
+DATA_VOLUME = "data"  # the pods' volume of the run's storage
 
 # Fields a running job takes in place; every other spec change restarts the run.
 IN_PLACE_FIELDS = ("suspend", "runPolicy")
+DEFAULT_BACKEND = ChatFlowRunSpec.model_fields["backend"].default
 
 # The trainer image's user (trainer_image/Dockerfile). fsGroup makes a fresh PVC writable for it.
 TRAINER_UID = 65532
@@ -52,6 +54,10 @@ PREPARATION_MEMORY_PER_WORKER = 2  # GiB, the default when spec.data.preparation
 def restart_digest(spec: dict[str, Any]) -> str:
     """A short stable hash of the spec fields a running job cannot take in place."""
     fields = {key: value for key, value in spec.items() if key not in IN_PLACE_FIELDS}
+    if fields.get("backend") == DEFAULT_BACKEND:
+        # Runs stored before `backend` existed read back with it defaulted: their jobs keep the
+        # names they had, so an operator upgrade restarts none of them.
+        del fields["backend"]
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
@@ -69,7 +75,11 @@ def preparation_job_name(run: dict[str, Any]) -> str:
     them could drift from what `chatflow prepare` reads, and a preparation that finds the cache
     holding what the run needs ends as soon as it has checked.
     """
-    return f"{job_name(run)}-prep"
+    return preparation_job_name_of(job_name(run))
+
+
+def preparation_job_name_of(job: str) -> str:
+    return f"{job}-prep"
 
 
 def prepares(run: dict[str, Any]) -> bool:
@@ -173,22 +183,22 @@ def _trainer_resources(run: ChatFlowRun) -> dict[str, Any]:
     return _resources(requests, limits)
 
 
-def _env(run: ChatFlowRun) -> list[dict[str, Any]]:
+def env(run: ChatFlowRun) -> list[dict[str, Any]]:
     _, cache = paths(run)
     env = [{"name": "HF_HOME", "value": f"{cache}/huggingface"}]
     return env + [e.model_dump(by_alias=True, exclude_none=True) for e in run.spec.env]
 
 
-def _mounts(run: ChatFlowRun) -> list[dict[str, Any]]:
+def mounts(run: ChatFlowRun) -> list[dict[str, Any]]:
     """The run's manifest and its volume, where every pod of the run finds them."""
     mount = run.spec.storage.mount_path if run.spec.storage else SCRATCH_MOUNT
     return [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "data", "mountPath": mount},
+        {"name": DATA_VOLUME, "mountPath": mount},
     ]
 
 
-def _volumes(run: ChatFlowRun, config_name: str) -> list[dict[str, Any]]:
+def volumes(run: ChatFlowRun, config_name: str) -> list[dict[str, Any]]:
     storage = run.spec.storage
     data: dict[str, Any] = (
         {"persistentVolumeClaim": {"claimName": storage.claim_name}}
@@ -197,11 +207,11 @@ def _volumes(run: ChatFlowRun, config_name: str) -> list[dict[str, Any]]:
     )
     return [
         {"name": "config", "configMap": {"name": config_name}},
-        {"name": "data", **data},
+        {"name": DATA_VOLUME, **data},
     ]
 
 
-def _pod_spec(containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
+def pod_spec(containers: list[dict[str, Any]], volumes: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         # Neither the trainer nor the preparation calls the Kubernetes API.
         "automountServiceAccountToken": False,
@@ -246,10 +256,10 @@ def trainer_container(
         # a restart policy by exit code needs (a preempted trainer restarts).
         "command": ["python", "-m", "chatflow.train.torchrun", "-m", "chatflow.train"],
         "args": args,
-        "env": _env(run),
+        "env": env(run),
         "ports": ports,
         "volumeMounts": [
-            *_mounts(run),
+            *mounts(run),
             # NCCL and DataLoader workers share tensors through /dev/shm; a pod's default is 64 MiB.
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
@@ -263,8 +273,8 @@ def trainer_container(
 def pod_template(run: ChatFlowRun, config_name: str, container: dict[str, Any]) -> dict[str, Any]:
     """The trainers' pod: `container`, the run's volumes and scheduling."""
     spec = run.spec
-    volumes = [*_volumes(run, config_name), {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    pod = _pod_spec([container], volumes)
+    shm = {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+    pod = pod_spec([container], [*volumes(run, config_name), shm])
     pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_SECONDS
     scheduling = spec.scheduling.model_dump(by_alias=True, exclude_none=True)
     pod |= {key: value for key, value in scheduling.items() if value}
@@ -280,6 +290,22 @@ def _preparation_resources(run: ChatFlowRun) -> dict[str, Any]:
     workers = preparation.workers
     default = {"cpu": workers, "memory": f"{workers * PREPARATION_MEMORY_PER_WORKER}Gi"}
     return {"requests": default, "limits": dict(default)}
+
+
+def pod_failure_policy(container: str) -> dict[str, Any]:
+    """A batch Job's podFailurePolicy for our programs in `container`: exit status 2 (bad input,
+    named in the termination message) fails the Job at once; 143 (stopped by SIGTERM after saving
+    its work: preemption, suspend, a deleted peer) and evictions do not count against its
+    backoffLimit. The pods' restartPolicy must be Never."""
+    on_exit = {"containerName": container, "operator": "In"}
+    return {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": on_exit | {"values": [2]}},
+            {"action": "Ignore", "onExitCodes": on_exit | {"values": [143]}},
+            # Evicted or preempted pods may be killed past their grace period (137).
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        ]
+    }
 
 
 def preparation_job(run: dict[str, Any]) -> dict[str, Any]:
@@ -309,19 +335,18 @@ def preparation_job(run: dict[str, Any]) -> dict[str, Any]:
         "image": spec.image,
         "command": ["chatflow", "prepare"],
         "args": args,
-        "env": _env(typed),
-        "volumeMounts": _mounts(typed),
+        "env": env(typed),
+        "volumeMounts": mounts(typed),
         "resources": _preparation_resources(typed),
     }
     if port:
         container["ports"] = [{"name": "metrics", "containerPort": port}]
-    pod = _pod_spec([container], _volumes(typed, job_name(run)))
+    pod = pod_spec([container], volumes(typed, job_name(run)))
     pod["restartPolicy"] = "Never"  # a failed pod is replaced, as podFailurePolicy requires
     scheduling = spec.scheduling.model_dump(by_alias=True, exclude_none=True)
     pod |= {
         key: scheduling[key] for key in ("tolerations", "priorityClassName") if scheduling.get(key)
     }
-    on_exit = {"containerName": PREPARATION_CONTAINER, "operator": "In"}
     metadata = _metadata(run, "preparation")
     metadata["name"] = preparation_job_name(run)
     return {
@@ -331,14 +356,7 @@ def preparation_job(run: dict[str, Any]) -> dict[str, Any]:
         "spec": {
             "suspend": bool(run["spec"].get("suspend", False)),
             "backoffLimit": PREPARATION_BACKOFF_LIMIT,
-            "podFailurePolicy": {
-                "rules": [
-                    {"action": "FailJob", "onExitCodes": on_exit | {"values": [2]}},
-                    {"action": "Ignore", "onExitCodes": on_exit | {"values": [143]}},
-                    # Evicted or preempted pods may be killed past their grace period (137).
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
+            "podFailurePolicy": pod_failure_policy(PREPARATION_CONTAINER),
             "template": {
                 "metadata": {"labels": labels(run["metadata"]["name"], "preparation")},
                 "spec": pod,

@@ -84,16 +84,32 @@ def run_status(
         phase = preparation_phase(preparing)
         conditions = [_preparation_condition(preparing, trainer_error, generation)]
     elif phase == "Failed":
-        # The job's condition names the replica that failed; the trainer's error says why. Once
-        # read it is kept: the pods that held it may be deleted.
-        kept = next((c.message for c in old.conditions if c.reason == TRAINER_ERROR), None)
+        # The job's condition names the replica that failed; the trainer's (or the preparation's)
+        # error says why. Once read it is kept: the pods that held it may be deleted.
+        reason = PREPARATION_FAILED if job.preparing else TRAINER_ERROR
+        kept = next((c.message for c in old.conditions if c.reason == reason), None)
         if trainer_error or kept:
             conditions = [
-                c.model_copy(update={"reason": TRAINER_ERROR, "message": trainer_error or kept})
+                c.model_copy(update={"reason": reason, "message": trainer_error or kept})
                 if c.type == "Failed" and c.status == "True"
                 else c
                 for c in conditions
             ]
+    elif phase == "Preparing":
+        # A job that prepares the data in a step of its own, which it has no condition for.
+        kept = next((c for c in old.conditions if c.type == "Preparing"), None)
+        conditions = [
+            *conditions,
+            kept
+            or Condition(
+                type="Preparing",
+                status="True",
+                reason="PreparationStarted",
+                message=f"job {job_name} prepares the data before its trainers start",
+                last_transition_time=now,
+                observed_generation=generation,
+            ),
+        ]
     if replacing:
         phase = "Restarting"
         conditions = [c for c in conditions if c.type != "Restarting"] + [

@@ -212,13 +212,18 @@ class ControlPlane:
 
     def install_pytorchjob_crd(self) -> None:
         """Install Kubeflow's PyTorchJob CRD and wait until it is served."""
-        # Server-side: the CRD is too large for the last-applied annotation of a client-side apply.
-        self.apply(self.pytorchjob_crd, server_side=True)
-        crd = "crd/pytorchjobs.kubeflow.org"
+        self.install_crd(self.pytorchjob_crd)
+
+    def install_crd(self, path: Path) -> None:
+        """Install the CRD in the file `path` and wait until it is served."""
+        # Server-side: CRDs are often too large for the last-applied annotation of a client-side
+        # apply.
+        self.apply(path, server_side=True)
+        crd = "crd/" + yaml.safe_load(path.read_text())["metadata"]["name"]
         # Retried: until the CRD has a status, kubectl wait fails (".status.conditions accessor
         # error") rather than waiting.
         self._wait(
-            "the PyTorchJob CRD",
+            crd,
             lambda: (
                 self.kubectl("wait", "--for=condition=Established", crd, check=False).returncode
                 == 0

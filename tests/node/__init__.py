@@ -16,6 +16,7 @@ by the next start. One node per host at a time: a second waits for the first.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -23,6 +24,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -33,7 +35,7 @@ from typing import Any
 import yaml
 
 from chatflow.spec import DEFAULT_IMAGE
-from cluster import free_port
+from cluster import free_port, tool_output
 from controlplane import CommandError, ControlPlane, binaries
 
 HERE = Path(__file__).resolve().parent
@@ -69,6 +71,9 @@ CGROUP_ROOT = "chatflow-test-node"  # the kubelet's --cgroup-root, in every v1 h
 PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "conntrack",
             "buildah", "debootstrap")  # fmt: skip
 START_TIMEOUT = 120  # seconds
+# The controllers built from Go modules (tests/tools): the training operator, Trainer v2 and the
+# JobSet controller its TrainJobs run on.
+TOOLS = ("training-operator.sh", "trainer.sh", "jobset.sh")
 # Fake GPU nodes (Node.fake_gpu_nodes): kwok manages only nodes with this label, never ours.
 FAKE_NODE_LABEL = "chatflow.io/fake-gpu-node"
 # Their addresses, which nothing connects to (no kubelet listens; a scrape of a pod's metrics
@@ -115,9 +120,98 @@ def build_images() -> dict[str, str]:
 
 def _tool(script: str) -> Path:
     """A binary that tests/tools/<script> builds (cached), by the path it prints last."""
+    return tool_output(script)[-1]
+
+
+def _build_tools(scripts: tuple[str, ...]) -> dict[str, Path]:
+    """The binaries of tests/tools/<scripts>, built side by side (minutes each the first time,
+    then cached); {script: binary}."""
     tools = HERE.parent / "tools"
-    out = subprocess.run([tools / script], check=True, stdout=subprocess.PIPE, text=True).stdout
-    return Path(out.splitlines()[-1])
+    builds = {
+        script: subprocess.Popen([tools / script], stdout=subprocess.PIPE, text=True)
+        for script in scripts
+    }
+    built = {}
+    for script, build in builds.items():
+        out, _ = build.communicate()
+        if build.returncode:
+            raise CommandError(build.returncode, [str(tools / script)], out, "")
+        built[script] = Path(out.splitlines()[-1])
+    return built
+
+
+def _serving_certificate(directory: Path) -> str:
+    """A CA and, signed by it, tls.crt/tls.key for 127.0.0.1 in `directory`, where the webhook
+    servers of the Trainer and JobSet managers read them; the CA, base64, for a caBundle."""
+    directory.mkdir(parents=True)
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "30")
+    _run("openssl", "req", "-x509", *key, "-subj", "/CN=chatflow-test-webhook-ca",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+         "-keyout", directory / "ca.key", "-out", directory / "ca.crt")  # fmt: skip
+    _run("openssl", "req", "-x509", *key, "-subj", "/CN=chatflow-test-webhook",
+         "-CA", directory / "ca.crt", "-CAkey", directory / "ca.key",
+         "-addext", "basicConstraints=critical,CA:FALSE", "-addext", "extendedKeyUsage=serverAuth",
+         "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", directory / "tls.key", "-out", directory / "tls.crt")  # fmt: skip
+    return base64.b64encode((directory / "ca.crt").read_bytes()).decode()
+
+
+def _webhooks(ca_bundle: str, jobset_port: int, trainer_port: int) -> str:
+    """The admission webhooks of JobSet (config/components/webhook/ of its module) and Trainer
+    (manifests/base/webhook/), calling the managers on this host: JobSet's mutating one defaults
+    what Trainer's JobSets leave out, and its reconciler cannot do without; Trainer's validate
+    the runtime and TrainJobs that chatflow makes."""
+
+    def hook(name: str, port: int, path: str, resource: str, operations: list[str],
+             selector: str | None = None) -> dict[str, Any]:  # fmt: skip
+        group, version, plural = resource.split("/")  # "" is the core group
+        hook = {
+            "name": name,
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "clientConfig": {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle},
+            "rules": [{"apiGroups": [group], "apiVersions": [version], "operations": operations,
+                       "resources": [plural]}],
+        }  # fmt: skip
+        if selector:
+            hook["objectSelector"] = {"matchExpressions": [{"key": selector, "operator": "Exists"}]}
+        return hook
+
+    jobsets, pods = "jobset.x-k8s.io/v1alpha2/jobsets", "/v1/pods"
+    jobset_pod = "jobset.sigs.k8s.io/jobset-name"
+    trainer = "trainer.kubeflow.org/v1alpha1/"
+    trainer_path = "-trainer-kubeflow-org-v1alpha1-"
+    configurations = {
+        ("MutatingWebhookConfiguration", "jobset-mutating-webhook-configuration"): [
+            hook("mjobset.kb.io", jobset_port, "/mutate-jobset-x-k8s-io-v1alpha2-jobset", jobsets,
+                 ["CREATE"]),
+            hook("mpod.kb.io", jobset_port, "/mutate--v1-pod", pods, ["CREATE"], jobset_pod),
+        ],
+        ("ValidatingWebhookConfiguration", "jobset-validating-webhook-configuration"): [
+            hook("vjobset.kb.io", jobset_port, "/validate-jobset-x-k8s-io-v1alpha2-jobset",
+                 jobsets, ["CREATE", "UPDATE"]),
+            hook("vpod.kb.io", jobset_port, "/validate--v1-pod", pods, ["CREATE"], jobset_pod),
+        ],
+        ("MutatingWebhookConfiguration", "defaulter.trainer.kubeflow.org"): [
+            hook("defaulter.trainjob.trainer.kubeflow.org", trainer_port,
+                 f"/mutate{trainer_path}trainjob", f"{trainer}trainjobs", ["CREATE", "UPDATE"]),
+        ],
+        ("ValidatingWebhookConfiguration", "validator.trainer.kubeflow.org"): [
+            hook(f"validator.{kind}.trainer.kubeflow.org", trainer_port,
+                 f"/validate{trainer_path}{kind}", f"{trainer}{kind}s", ["CREATE", "UPDATE"])
+            for kind in ("clustertrainingruntime", "trainingruntime", "trainjob")
+        ],
+    }  # fmt: skip
+    return yaml.safe_dump_all(
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "webhooks": webhooks,
+        }
+        for (kind, name), webhooks in configurations.items()
+    )
 
 
 class HostChanges:
@@ -230,6 +324,10 @@ class Node:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._lock: int | None = None
         self._host: HostChanges | None = None
+        self.tools: dict[str, Path] = {}  # {tests/tools script: the binary it built}
+
+    def _build_tools(self) -> None:
+        self.tools = _build_tools(TOOLS)
 
     def __enter__(self) -> Node:
         return self.start()
@@ -243,7 +341,15 @@ class Node:
 
     def start(self) -> Node:
         install_packages()
-        self.images = build_images()
+        # The Go builds of the controllers (cold: minutes) beside the image builds.
+        builds = threading.Thread(target=self._build_tools)
+        builds.start()
+        try:
+            self.images = build_images()
+        finally:
+            builds.join()
+        if len(self.tools) < len(TOOLS):
+            raise RuntimeError("building the node's controllers failed (see above)")
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(RUN_DIR / "lock", os.O_CREAT | os.O_RDWR)
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # another session's node: wait for its end
@@ -286,6 +392,7 @@ class Node:
         self._start_kubelet()
         self._start_kube_proxy()
         self._start_training_operator(admin)
+        self._start_trainer_v2(admin)
         self._wait(
             "the node to be Ready",
             lambda: (
@@ -462,7 +569,7 @@ state = "{RUN_DIR / "containerd"}"
         (self.workdir / "pytorch-init.yaml").write_text(yaml.safe_dump(init))
         probes = free_port()
         self._spawn(
-            "training-operator", _tool("training-operator.sh"),
+            "training-operator", self.tools["training-operator.sh"],
             f"--kubeconfig={kubeconfig}",
             "--enable-scheme=pytorchjob",
             f"--metrics-bind-address=127.0.0.1:{free_port()}",
@@ -472,6 +579,48 @@ state = "{RUN_DIR / "containerd"}"
             f"--pytorch-init-container-template-file={self.workdir / 'pytorch-init.yaml'}",
         )  # fmt: skip
         self._wait("the training operator", lambda: _http_ok(f"http://127.0.0.1:{probes}/readyz"))
+
+    def _start_trainer_v2(self, kubeconfig: str) -> None:
+        """Kubeflow Trainer v2.3.0's manager and the JobSet manager whose JobSets it makes, out of
+        cluster (see the headers of tests/tools/trainer.sh and jobset.sh), their webhooks
+        registered. Without the TrainJobStatus gate: its status server needs an API server whose
+        service-account issuer it can discover, and a namespace file only pods have."""
+        for crd in (*tool_output("jobset.sh", "--crds"), *tool_output("trainer.sh", "--crds")):
+            self.cp.install_crd(crd)
+        certs = self.workdir / "trainer-v2-certs"
+        ca_bundle = _serving_certificate(certs / "k8s-webhook-server" / "serving-certs")
+        jobset_port, trainer_port = free_port(), free_port()
+        self.cp.apply(_webhooks(ca_bundle, jobset_port, trainer_port))
+
+        probes = free_port()
+        config = self.workdir / "jobset-config.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+            "kind": "Configuration",
+            "webhook": {"port": jobset_port, "host": "127.0.0.1",
+                        "certDir": str(certs / "k8s-webhook-server" / "serving-certs")},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{probes}"},
+            "internalCertManagement": {"enable": False},
+        }))  # fmt: skip
+        self._spawn("jobset", self.tools["jobset.sh"], f"--config={config}",
+                    f"--kubeconfig={kubeconfig}", "--leader-elect=false",
+                    "--metrics-bind-address=0")  # fmt: skip
+        self._wait("the JobSet manager", lambda: _http_ok(f"http://127.0.0.1:{probes}/readyz"))
+
+        probes = free_port()
+        config = self.workdir / "trainer-config.yaml"
+        config.write_text(yaml.safe_dump({
+            "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
+            "kind": "Configuration",
+            "webhook": {"port": trainer_port, "host": "127.0.0.1"},
+            "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{probes}"},
+            "certManagement": {"enable": False},
+        }))  # fmt: skip
+        # Its webhook server's certificate: only in $TMPDIR/k8s-webhook-server/serving-certs.
+        self._spawn("trainer", self.tools["trainer.sh"], f"--config={config}",
+                    f"--kubeconfig={kubeconfig}", env={"TMPDIR": str(certs)})  # fmt: skip
+        self._wait("the Trainer manager", lambda: _http_ok(f"http://127.0.0.1:{probes}/readyz"))
 
     def add_volume(self, name: str, claim: tuple[str, str], size: str = "20Gi") -> Path:
         """A hostPath PersistentVolume for the claim (namespace, name), which binds to it as
@@ -634,12 +783,13 @@ state = "{RUN_DIR / "containerd"}"
                 tails.append(f"==> {log} <==\n" + "\n".join(text))
         return "\n".join(tails)
 
-    def _spawn(self, name: str, *command: object) -> None:
+    def _spawn(self, name: str, *command: object, env: dict[str, str] | None = None) -> None:
         with (self.workdir / f"{name}.log").open("ab") as log:
             # setpriv: the kernel kills the process when this one dies (see ControlPlane).
             self._procs[name] = subprocess.Popen(
                 ["setpriv", "--pdeathsig=KILL", "--", *map(str, command)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=None if env is None else os.environ | env,
             )  # fmt: skip
 
     def _wait(self, what: str, ready: Callable[[], bool]) -> None:

@@ -99,13 +99,20 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--workers", type=int, help="worker processes (default: spec.data.preparation.workers)"
     )
+    # Also from the environment: a TrainJob's dataset-initializer runs the runtime's command,
+    # which is the same for every run, with the run's own env (see the operator's trainjob.py).
     prepare.add_argument(
         "--output",
         type=Path,
-        help="the run's output (runs/<name>): prepare from its newest checkpoint's position",
+        default=os.environ.get("CHATFLOW_OUTPUT"),
+        help="the run's output (runs/<name>): prepare from its newest checkpoint's position "
+        "($CHATFLOW_OUTPUT)",
     )
     prepare.add_argument(
-        "--metrics-port", type=int, help="serve the chatflow_prepare_* metrics on this port"
+        "--metrics-port",
+        type=int,
+        default=os.environ.get("CHATFLOW_METRICS_PORT"),
+        help="serve the chatflow_prepare_* metrics on this port ($CHATFLOW_METRICS_PORT)",
     )
 
     sample = command("sample", _sample, "show the source of each global sample index")

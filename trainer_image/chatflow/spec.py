@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 from chatflow import __version__
 from chatflow.metric_names import PRECISION_INFO
@@ -671,7 +671,8 @@ class Scheduling(_Spec):
 
 
 class RunPolicy(_Spec):
-    """The PyTorchJob's run policy; changing it does not restart the run."""
+    """The job's run policy; changing it does not restart the run. A TrainJob takes only
+    activeDeadlineSeconds: its runtime's JobSet decides restarts and clean-up."""
 
     backoff_limit: int | None = Field(
         None, ge=0, description="job restarts (e.g. after preemption) before the run fails"
@@ -682,6 +683,10 @@ class RunPolicy(_Spec):
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="delete the finished job's pods after this long"
     )
+
+
+# RunPolicy fields a TrainJob has no counterpart for (as they appear in the manifest).
+TRAINJOB_RUNTIME_FIELDS = ("backoffLimit", "ttlSecondsAfterFinished")
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -706,6 +711,24 @@ class ChatFlowRunSpec(_Spec):
                 "names a source that is not in data.sources",
             )
             for field in ("stages", "points")
+        ),
+        (
+            "storage",
+            "self.backend != 'trainjob' || has(self.storage)",
+            "required with backend trainjob: its dataset-initializer prepares the data on it",
+        ),
+        (
+            "scheduling.priorityClassName",
+            "self.backend != 'trainjob' || !has(self.scheduling.priorityClassName)",
+            "not supported with backend trainjob: set it in the ClusterTrainingRuntime",
+        ),
+        *(
+            (
+                f"runPolicy.{field}",
+                f"self.backend != 'trainjob' || !has(self.runPolicy.{field})",
+                "not supported with backend trainjob: the ClusterTrainingRuntime's JobSet decides",
+            )
+            for field in TRAINJOB_RUNTIME_FIELDS
         ),
     )
 
@@ -732,6 +755,35 @@ class ChatFlowRunSpec(_Spec):
         None, description="Kueue LocalQueue: Kueue admits (unsuspends) the job when it fits"
     )
     run_policy: RunPolicy = RunPolicy()
+    backend: Literal["pytorchjob", "trainjob"] = Field(
+        "pytorchjob",
+        description="the job that trains: a Kubeflow PyTorchJob (training-operator v1), or a "
+        "Kubeflow Trainer v2 TrainJob on the chart's ClusterTrainingRuntime `chatflow`, which "
+        "needs storage",
+    )
+
+    @model_validator(mode="after")
+    def _backend_supports(self) -> ChatFlowRunSpec:
+        if self.backend != "trainjob":
+            return self
+        if self.storage is None:
+            raise FieldError(
+                "storage",
+                "required with backend trainjob: its dataset-initializer prepares the data on it",
+            )
+        if self.scheduling.priority_class_name is not None:
+            raise FieldError(
+                "scheduling.priorityClassName",
+                "not supported with backend trainjob: set it in the ClusterTrainingRuntime",
+            )
+        for field in TRAINJOB_RUNTIME_FIELDS:
+            if getattr(self.run_policy, to_snake(field)) is not None:
+                raise FieldError(
+                    f"runPolicy.{field}",
+                    "not supported with backend trainjob: the ClusterTrainingRuntime's JobSet "
+                    "decides",
+                )
+        return self
 
     @model_validator(mode="after")
     def _weights_name_sources(self) -> ChatFlowRunSpec:

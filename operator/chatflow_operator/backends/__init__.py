@@ -24,6 +24,9 @@ class JobState:
     conditions: list[Condition] = field(default_factory=list)  # the job's, for the run's status
     start_time: str | None = None
     completion_time: str | None = None
+    # The job's own preparation step is current (only backends that `prepares_data`): a Failed
+    # phase is then a failed preparation.
+    preparing: bool = False
 
 
 class JobBackend(Protocol):
@@ -31,6 +34,9 @@ class JobBackend(Protocol):
 
     kind: str  # the job's kind, for messages: "PyTorchJob"
     resource: Resource
+    # Whether the job prepares the data itself, in a step before the trainers; else, with
+    # storage, the reconciler's preparation Job does before the job is created.
+    prepares_data: bool
 
     def render_job(self, run: dict[str, Any]) -> dict[str, Any]:
         """The job that runs the run's current spec."""
@@ -50,3 +56,14 @@ class JobBackend(Protocol):
         """The label selector of the pod of node rank 0, whose trainer serves the run's metrics
         and writes its final progress."""
         ...
+
+    def preparation_pods(self, job_name: str) -> str:
+        """The label selector of the pod that prepares the data (metrics, errors)."""
+        ...
+
+
+def backends() -> dict[str, JobBackend]:
+    """Every backend, by its name in `spec.backend`."""
+    from chatflow_operator.backends import pytorchjob, trainjob
+
+    return {"pytorchjob": pytorchjob, "trainjob": trainjob}

@@ -15,6 +15,7 @@ from chatflow_operator.kube import Resource
 
 kind = "PyTorchJob"
 resource = Resource("kubeflow.org", "v1", "pytorchjobs")
+prepares_data = False  # the reconciler's preparation Job does, before the job is made
 
 CONTAINER = "pytorch"  # the training operator requires this name
 MASTER_PORT = 23456  # the training operator's default, named `pytorchjob-port`
@@ -109,3 +110,8 @@ def state(job: dict[str, Any] | None, generation: int) -> JobState:
 def rank0_pods(job_name: str) -> str:
     """The Master's pod, by the training operator's labels."""
     return f"training.kubeflow.org/job-name={job_name},training.kubeflow.org/job-role=master"
+
+
+def preparation_pods(job_name: str) -> str:
+    """The pod of the preparation Job made for the job (the Job controller's label)."""
+    return f"batch.kubernetes.io/job-name={render.preparation_job_name_of(job_name)}"

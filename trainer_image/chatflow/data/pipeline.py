@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,6 +23,19 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+@contextmanager
+def _hub_quiet() -> Iterator[None]:
+    """huggingface_hub's own warnings off: on a network error it logs one per retry before it
+    raises, and the error is reported as one line by the caller."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
+
+
 def from_pretrained(
     load: Callable[[str], T], name: str, base_dir: Path, field: str, what: str
 ) -> T:
@@ -32,7 +47,8 @@ def from_pretrained(
     """
     local = local_path(name, base_dir)
     try:
-        return load(str(local) if local.exists() else name)
+        with _hub_quiet():
+            return load(str(local) if local.exists() else name)
     except Exception as e:
         if local.exists():
             problem = f"cannot load {what} from {local}: {first_line(e)}"

@@ -1,7 +1,7 @@
 """What rank 0 tells the world about the run, one call per event: Prometheus metrics
-(`metrics.py`), the progress bar or JSON log lines (`progress.py`), and `history.jsonl`
-(`chatflow.history`). On the other ranks every call does nothing: after the step's all-reduce
-they would only repeat rank 0's numbers."""
+(`metrics.py`), the progress bar or JSON log lines (`progress.py`), `history.jsonl`
+(`chatflow.history`), and in a TrainJob its status (`trainer_status.py`). On the other ranks
+every call does nothing: after the step's all-reduce they would only repeat rank 0's numbers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chatflow import metric_names
 from chatflow.data.mixture import Mixture
 from chatflow.history import History
 from chatflow.sampler import Position
@@ -19,6 +20,7 @@ from chatflow.train.metrics import TrainerMetrics
 from chatflow.train.precision import Precision
 from chatflow.train.progress import Progress
 from chatflow.train.step import StepResult
+from chatflow.train.trainer_status import TrainerStatus
 
 
 class Reporter:
@@ -44,6 +46,7 @@ class Reporter:
         if training.metrics_port:
             self.metrics.serve(training.metrics_port)
         self.progress = Progress(training.total_steps, self.names)
+        self.status = TrainerStatus.from_env(training.total_steps)  # None outside a TrainJob
 
     def started(self, step: int, precision: Precision, checkpoint: Path | None) -> None:
         """Training starts at `step`, from `checkpoint` if it resumes one."""
@@ -53,6 +56,8 @@ class Reporter:
         self.progress.message("precision", precision=precision.name, reason=precision.reason)
         if checkpoint is not None:
             self.progress.message("resumed", step=step, checkpoint=str(checkpoint))
+        if self.status:
+            self.status.started(step)
         self.history.write(
             "precision", step=step, precision=precision.name, reason=precision.reason
         )
@@ -68,9 +73,8 @@ class Reporter:
         phase_index, phase = schedule.phase_at(float(progress))
         blocks = [max(s.num_blocks, 1) for s in self.mixture.sources]
         epochs = [c / b for c, b in zip(position.cursors, blocks, strict=True)]
-        self.metrics.schedule(
-            float(schedule.fraction_done(progress)), phase_index, phase, target, realised
-        )
+        fraction = float(schedule.fraction_done(progress))
+        self.metrics.schedule(fraction, phase_index, phase, target, realised)
         self.metrics.consumed(list(position.cursors), tokens.tolist(), epochs)
         self.metrics.step(
             step,
@@ -94,6 +98,18 @@ class Reporter:
             target=dict(zip(self.names, target.round(6).tolist(), strict=True)),
             realised=dict(zip(self.names, realised.round(6).tolist(), strict=True)),
         )
+        if self.status:
+            # By their Prometheus names; the phase by its name, the label of its info series.
+            self.status.update(
+                step,
+                {
+                    metric_names.STEP: step,
+                    metric_names.LOSS: result.loss,
+                    metric_names.TOKENS_PER_SECOND: result.tokens_per_second,
+                    metric_names.SCHEDULE_PROGRESS: fraction,
+                    metric_names.SCHEDULE_PHASE_INFO: phase,
+                },
+            )
 
     def held_out(self, step: int, losses: dict[int, float]) -> None:
         """Held-out loss by source index, after `step`."""
@@ -118,6 +134,8 @@ class Reporter:
             return
         self.progress.message("finished", step=step, model=str(model))
         self.progress.close()
+        if self.status:
+            self.status.finish()
         # In a pod, the run's last progress: the metrics endpoint is gone once the job succeeds.
         final = {"step": step, "samples": position.next_sample, "tokens": int(tokens.sum())}
         termination_message(json.dumps(final))
