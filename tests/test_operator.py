@@ -27,6 +27,7 @@ from cluster import (
     free_port,
     get,
     install_namespaced_operator,
+    install_operator_manifests,
     items,
     wait_for,
 )
@@ -427,6 +428,37 @@ def test_restart_worthy_change_replaces_the_job(
     assert "Restarting" in reasons
     leftover = items(cluster, "configmaps", namespace, "chatflow.io/run=tiny")
     assert [c["metadata"]["name"] for c in leftover] == [new["metadata"]["name"]]
+
+
+def test_without_trainer_v2_pytorchjobs_run_and_trainjob_runs_wait(tmp_path: Path) -> None:
+    """Most clusters have only the training operator: the operator runs, watching TrainJobs once
+    their CRD appears, and a trainjob run names what is missing in an Event."""
+    with ControlPlane(tmp_path / "controlplane") as cp:
+        cp.install_pytorchjob_crd()
+        install_operator_manifests(cp)
+        cp.kubectl("create", "namespace", "team")
+        operator = Operator(cp, tmp_path).start()
+        try:
+            apply_run(cp, "team", EXAMPLES / "tiny.yaml")
+            job = the_job(cp, "team", "tiny")
+            wait_for(lambda: run_status(cp, "team", "tiny").get("phase") == "Pending", "Pending")
+            assert run_status(cp, "team", "tiny")["jobName"] == job["metadata"]["name"]
+            apply_run(cp, "team", EXAMPLES / "tiny.yaml", backend="trainjob",
+                      storage={"claimName": "tiny-data"})  # fmt: skip
+            status = wait_for(
+                lambda: (s := run_status(cp, "team", "tiny")).get("conditions") and s,
+                "the status to say why",
+            )
+            (condition,) = status["conditions"]
+            assert (condition["type"], condition["reason"]) == ("JobCreated", "JobKindNotServed")
+            assert condition["message"].startswith(
+                "this cluster serves no TrainJobs (/apis/trainer.kubeflow.org/v1alpha1)"
+            ), condition
+            assert status["phase"] == "Pending"
+            assert ("JobKindNotServed", condition["message"]) in events(cp, "team", "tiny")
+            assert operator.healthy()
+        finally:
+            operator.stop()
 
 
 def test_switching_backend_replaces_the_trainjob_with_a_pytorchjob(

@@ -259,3 +259,16 @@ def test_preparation_progress_is_summed_over_sources_from_its_metrics_page() -> 
     done = status.prepared(later, "2026-11-22T12:05:00Z")
     assert done is not None and (done.shards_done, done.tokens) == (7, 9600)
     assert status.prepared({}, NOW) is None
+
+
+def test_a_job_kind_the_cluster_does_not_serve_is_said_once_and_keeps_the_restarts() -> None:
+    said = "this cluster serves no TrainJobs (/apis/trainer.kubeflow.org/v1alpha1): install ..."
+    run = stored_run(phase="Restarting", restarts=1)
+    new = status.not_served(run, "test-abc", said, NOW)
+    assert (new["phase"], new["restarts"], new["jobName"]) == ("Pending", 1, "test-abc")
+    (condition,) = new["conditions"]
+    assert (condition["type"], condition["status"]) == ("JobCreated", "False")
+    assert (condition["reason"], condition["message"]) == ("JobKindNotServed", said)
+    # Retried until the CRD is installed: the same status, so no write and no second Event.
+    later = "2027-01-01T00:00:00Z"
+    assert status.not_served({**run, "status": new}, "test-abc", said, later) == new

@@ -43,6 +43,10 @@ class ChildConflict(Exception):
     """A child of the expected name is controlled by another object."""
 
 
+class NotServed(Exception):
+    """The cluster does not serve the run's kind of job (its controller is not installed)."""
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -112,8 +116,16 @@ class Reconciler:
 
     def _reconcile(self, run: dict[str, Any], *, scrape: bool = False) -> dict[str, Any]:
         meta = run["metadata"]
-        new = self._converge(run, scrape)
         old = run.get("status") or {}
+        try:
+            new = self._converge(run, scrape)
+        except NotServed as e:
+            # Said on the run, once; the caller retries until the CRD is installed.
+            new = status.not_served(run, render.job_name(run), str(e), now())
+            if new != old:
+                self.kube.patch(RUNS, meta["namespace"], meta["name"], {"status": new}, "status")
+                self.post_event(run, "Warning", status.NOT_SERVED, str(e))
+            raise
         if new != old:
             removed = {key: None for key in old if key not in new}  # merge patch deletes
             self.kube.patch(
@@ -195,7 +207,15 @@ class Reconciler:
                 return self._preparing_status(run, backend, want, preparation, restarts, scrape)
             prepared = status.prepared(old, now())
         if current is None:
-            current = self._ensure(run, backend.render_job(run), backend.resource)
+            try:
+                current = self._ensure(run, backend.render_job(run), backend.resource)
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+                raise NotServed(
+                    f"this cluster serves no {backend.kind}s ({backend.resource.api}): install "
+                    f"its controller, or set spec.backend to another backend"
+                ) from None
             made = (
                 f"{backend.kind} {want} (Job {preparing} prepared the data)"
                 if by_job

@@ -24,6 +24,7 @@ TERMINAL = ("Succeeded", "Failed")
 BATCH_PHASES = {"Failed": "Failed", "Complete": "Succeeded", "Suspended": "Suspended"}
 TRAINER_ERROR = "TrainerError"  # the reason of a Failed condition that carries the trainer's error
 PREPARATION_FAILED = "PreparationFailed"  # the same, when the data preparation failed
+NOT_SERVED = "JobKindNotServed"  # the reason of a run's job that the cluster has no CRD for
 
 
 def preparation_phase(job: dict[str, Any]) -> str:
@@ -134,6 +135,23 @@ def run_status(
         preparation=preparation or old.preparation,
     )
     return status.model_dump(by_alias=True, exclude_none=True)
+
+
+def not_served(run: dict[str, Any], job_name: str, message: str, now: str) -> dict[str, Any]:
+    """The status of a run whose job cannot be created: Pending, saying why."""
+    condition = Condition(
+        type="JobCreated",
+        status="False",
+        reason=NOT_SERVED,
+        message=message,
+        last_transition_time=now,
+        observed_generation=run["metadata"].get("generation", 0),
+    )
+    old = (run.get("status") or {}).get("conditions") or []
+    if any(c.get("reason") == NOT_SERVED and c.get("message") == message for c in old):
+        return run["status"]  # said already
+    restarts = (run.get("status") or {}).get("restarts", 0)
+    return run_status(run, job_name, JobState("Pending", [condition]), restarts=restarts, now=now)
 
 
 def trainer_error(pods: list[dict[str, Any]]) -> str | None:
