@@ -261,14 +261,18 @@ def test_preparation_progress_is_summed_over_sources_from_its_metrics_page() -> 
     assert status.prepared({}, NOW) is None
 
 
-def test_a_job_kind_the_cluster_does_not_serve_is_said_once_and_keeps_the_restarts() -> None:
+def test_a_refused_job_is_said_once_and_keeps_the_restarts() -> None:
     said = "this cluster serves no TrainJobs (/apis/trainer.kubeflow.org/v1alpha1): install ..."
     run = stored_run(phase="Restarting", restarts=1)
-    new = status.not_served(run, "test-abc", said, NOW)
+    new = status.job_refused(run, "test-abc", "JobKindNotServed", said, NOW)
     assert (new["phase"], new["restarts"], new["jobName"]) == ("Pending", 1, "test-abc")
     (condition,) = new["conditions"]
     assert (condition["type"], condition["status"]) == ("JobCreated", "False")
     assert (condition["reason"], condition["message"]) == ("JobKindNotServed", said)
     # Retried until the CRD is installed: the same status, so no write and no second Event.
     later = "2027-01-01T00:00:00Z"
-    assert status.not_served({**run, "status": new}, "test-abc", said, later) == new
+    assert status.job_refused({**run, "status": new}, "test-abc", "JobKindNotServed", said,
+                              later) == new  # fmt: skip
+    # After a spec change it names the new job.
+    assert status.job_refused({**run, "status": new}, "test-new", "JobKindNotServed", said,
+                              later)["jobName"] == "test-new"  # fmt: skip

@@ -87,6 +87,14 @@ def test_the_dataset_initializer_prepares_onto_the_runs_volume() -> None:
     assert "nodeSelector" not in pod["spec"] and pod["spec"]["tolerations"]
 
 
+def test_one_variable_of_each_name_the_last_given() -> None:
+    run = trainjob_run(env=[{"name": "HF_HOME", "value": "/mine"}, {"name": "A", "value": "1"}])
+    spec = trainjob.render_job(run)["spec"]
+    for env in (spec["trainer"]["env"], spec["initializer"]["dataset"]["env"]):
+        names = [e["name"] for e in env]
+        assert len(names) == len(set(names)) and {"name": "HF_HOME", "value": "/mine"} in env
+
+
 def test_the_runtime_prepares_then_trains_and_resumes_preempted_pods() -> None:
     runtime = trainjob.runtime("registry.example/trainer:1")
     assert (runtime["kind"], runtime["metadata"]["name"]) == ("ClusterTrainingRuntime", "chatflow")
@@ -98,11 +106,12 @@ def test_the_runtime_prepares_then_trains_and_resumes_preempted_pods() -> None:
         assert pod["containers"][0]["name"] == container
         assert pod["containers"][0]["image"] == "registry.example/trainer:1"
         assert job["template"]["spec"]["podFailurePolicy"] == render.pod_failure_policy(container)
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["containers"][0]["ports"] == [{"name": "metrics", "containerPort": 9400}]
     assert initializer["template"]["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "chatflow", "prepare"
     ]  # fmt: skip
-    ports = node["template"]["spec"]["template"]["spec"]["containers"][0]["ports"]
-    assert ports == [{"name": "metrics", "containerPort": 9400}]  # the PodMonitor's
+    assert runtime["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
 
 
 @pytest.mark.parametrize(
@@ -136,6 +145,13 @@ def test_in_place_patch_takes_suspend_and_the_deadline() -> None:
     assert trainjob.in_place_patch(run, trainjob.render_job(later)) == {
         "spec": {"suspend": False, "activeDeadlineSeconds": None}
     }
+    # The CRD refuses a changed deadline: removed on one pass, set on the next.
+    longer = trainjob_run(runPolicy={"activeDeadlineSeconds": 7200})
+    job = trainjob.render_job(later)
+    job["spec"]["suspend"] = False
+    assert trainjob.in_place_patch(longer, job) == {"spec": {"activeDeadlineSeconds": None}}
+    del job["spec"]["activeDeadlineSeconds"]
+    assert trainjob.in_place_patch(longer, job) == {"spec": {"activeDeadlineSeconds": 7200}}
 
 
 def _job(*conditions: dict[str, Any], **counts: dict[str, int]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from chatflow_operator import metrics, render
 from chatflow_operator.backends import backends
 from chatflow_operator.bookkeeping import MemoryDiffBase, MemoryProgress
 from chatflow_operator.kube import BATCH_JOBS, CONFIG_MAPS, RUNS, ApiError, Kube
-from chatflow_operator.reconcile import ChildConflict, NotServed, Reconciler
+from chatflow_operator.reconcile import ChildConflict, JobRefused, Reconciler
 
 BACKENDS = backends()
 CHILD = {render.RUN_LABEL: kopf.PRESENT}
@@ -42,7 +42,7 @@ def reconciling(trigger: str) -> Iterator[None]:
     with metrics.reconciling(trigger):
         try:
             yield
-        except (ApiError, ChildConflict, NotServed) as e:
+        except (ApiError, ChildConflict, JobRefused) as e:
             raise kopf.TemporaryError(str(e), delay=RETRY_SECONDS) from None
 
 

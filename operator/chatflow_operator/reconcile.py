@@ -43,8 +43,13 @@ class ChildConflict(Exception):
     """A child of the expected name is controlled by another object."""
 
 
-class NotServed(Exception):
-    """The cluster does not serve the run's kind of job (its controller is not installed)."""
+class JobRefused(Exception):
+    """The API server refuses the run's job: its kind is not served (the controller is not
+    installed), an admission webhook or RBAC refuses it, or it is invalid."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def now() -> str:
@@ -119,12 +124,15 @@ class Reconciler:
         old = run.get("status") or {}
         try:
             new = self._converge(run, scrape)
-        except NotServed as e:
-            # Said on the run, once; the caller retries until the CRD is installed.
-            new = status.not_served(run, render.job_name(run), str(e), now())
+        except JobRefused as e:
+            # Said on the run, once; the caller retries (a CRD installed, a runtime fixed).
+            new = status.job_refused(run, render.job_name(run), e.reason, str(e), now())
             if new != old:
-                self.kube.patch(RUNS, meta["namespace"], meta["name"], {"status": new}, "status")
-                self.post_event(run, "Warning", status.NOT_SERVED, str(e))
+                removed = {key: None for key in old if key not in new}
+                self.kube.patch(
+                    RUNS, meta["namespace"], meta["name"], {"status": new | removed}, "status"
+                )
+                self.post_event(run, "Warning", e.reason, str(e))
             raise
         if new != old:
             removed = {key: None for key in old if key not in new}  # merge patch deletes
@@ -140,7 +148,8 @@ class Reconciler:
     def _converge(self, run: dict[str, Any], scrape: bool) -> dict[str, Any]:
         meta = run["metadata"]
         namespace, selector = meta["namespace"], f"{render.RUN_LABEL}={meta['name']}"
-        backend, generation = self.backends[run["spec"]["backend"]], meta.get("generation", 0)
+        name = run["spec"].get("backend", render.DEFAULT_BACKEND)  # (a CRD of before backends)
+        backend, generation = self.backends[name], meta.get("generation", 0)
         want = render.job_name(run)
         old = run.get("status") or {}
         restarts = old.get("restarts", 0)
@@ -210,12 +219,15 @@ class Reconciler:
             try:
                 current = self._ensure(run, backend.render_job(run), backend.resource)
             except ApiError as e:
-                if e.status != 404:
-                    raise
-                raise NotServed(
-                    f"this cluster serves no {backend.kind}s ({backend.resource.api}): install "
-                    f"its controller, or set spec.backend to another backend"
-                ) from None
+                if e.status == 404:
+                    raise JobRefused(
+                        status.NOT_SERVED,
+                        f"this cluster serves no {backend.kind}s ({backend.resource.api}): "
+                        "install its controller, or set spec.backend to another backend",
+                    ) from None
+                if e.status in (400, 403, 422):
+                    raise JobRefused(status.REFUSED, f"cannot create {backend.kind}: {e}") from None
+                raise
             made = (
                 f"{backend.kind} {want} (Job {preparing} prepared the data)"
                 if by_job
@@ -235,7 +247,7 @@ class Reconciler:
             text = self._metrics(run, backend.preparation_pods(want))
             if text is not None:
                 prepared = status.preparation_from_metrics(text, now())
-        elif backend.prepares_data and phase == "Running" and old.get("phase") == "Preparing":
+        elif state.prepared:
             prepared = status.prepared(old, now())
         if scrape and phase == "Running":
             typed = ChatFlowRun.model_validate(run)

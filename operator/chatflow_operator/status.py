@@ -24,7 +24,10 @@ TERMINAL = ("Succeeded", "Failed")
 BATCH_PHASES = {"Failed": "Failed", "Complete": "Succeeded", "Suspended": "Suspended"}
 TRAINER_ERROR = "TrainerError"  # the reason of a Failed condition that carries the trainer's error
 PREPARATION_FAILED = "PreparationFailed"  # the same, when the data preparation failed
-NOT_SERVED = "JobKindNotServed"  # the reason of a run's job that the cluster has no CRD for
+# The reasons of a run whose job cannot be created: the cluster has no CRD for its kind; the API
+# server (an admission webhook, RBAC, validation) refuses it.
+NOT_SERVED = "JobKindNotServed"
+REFUSED = "JobRefused"
 
 
 def preparation_phase(job: dict[str, Any]) -> str:
@@ -137,21 +140,23 @@ def run_status(
     return status.model_dump(by_alias=True, exclude_none=True)
 
 
-def not_served(run: dict[str, Any], job_name: str, message: str, now: str) -> dict[str, Any]:
-    """The status of a run whose job cannot be created: Pending, saying why."""
+def job_refused(
+    run: dict[str, Any], job_name: str, reason: str, message: str, now: str
+) -> dict[str, Any]:
+    """The status of a run whose job cannot be created: Pending, saying why (dated when first
+    said, so a retry that fails the same way changes nothing)."""
+    old = ChatFlowRunStatus.model_validate(run.get("status") or {})
+    said = next((c for c in old.conditions if c.reason == reason and c.message == message), None)
     condition = Condition(
         type="JobCreated",
         status="False",
-        reason=NOT_SERVED,
+        reason=reason,
         message=message,
-        last_transition_time=now,
+        last_transition_time=said.last_transition_time if said else now,
         observed_generation=run["metadata"].get("generation", 0),
     )
-    old = (run.get("status") or {}).get("conditions") or []
-    if any(c.get("reason") == NOT_SERVED and c.get("message") == message for c in old):
-        return run["status"]  # said already
-    restarts = (run.get("status") or {}).get("restarts", 0)
-    return run_status(run, job_name, JobState("Pending", [condition]), restarts=restarts, now=now)
+    state = JobState("Pending", [condition])
+    return run_status(run, job_name, state, restarts=old.restarts, now=now)
 
 
 def trainer_error(pods: list[dict[str, Any]]) -> str | None:
@@ -227,9 +232,9 @@ def preparation_from_metrics(text: str, now: str) -> PreparationProgress | None:
 def prepared(old: dict[str, Any], now: str) -> PreparationProgress | None:
     """The old status' preparation progress, once the preparation has succeeded: it did every
     shard, though its metrics were last read before the last ones (tokens and documents stay as
-    last read)."""
+    last read). None (keep the old) when there is none or it is complete already."""
     progress = ChatFlowRunStatus.model_validate(old).preparation
-    if progress is None:
+    if progress is None or progress.shards_done == progress.shards_total:
         return None
     return progress.model_copy(update={"shards_done": progress.shards_total, "updated_at": now})
 

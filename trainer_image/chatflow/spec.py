@@ -285,7 +285,8 @@ class Preparation(_Spec):
     """Tokenizing and packing the sources, before training, only as far as the run needs.
 
     On Kubernetes it is a Job of its own (CPU pods on the run's volume) that runs before the
-    training job; `chatflow train` does it in place. See docs/data.md.
+    PyTorchJob, or a TrainJob's dataset-initializer step (whose resources are the runtime's);
+    `chatflow train` does it in place. See docs/data.md.
     """
 
     workers: int = Field(
@@ -686,7 +687,7 @@ class RunPolicy(_Spec):
 
 
 # RunPolicy fields a TrainJob has no counterpart for (as they appear in the manifest).
-TRAINJOB_RUNTIME_FIELDS = ("backoffLimit", "ttlSecondsAfterFinished")
+TRAINJOB_UNSUPPORTED_RUN_POLICY = ("backoffLimit", "ttlSecondsAfterFinished")
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -728,7 +729,7 @@ class ChatFlowRunSpec(_Spec):
                 f"self.backend != 'trainjob' || !has(self.runPolicy.{field})",
                 "not supported with backend trainjob: the ClusterTrainingRuntime's JobSet decides",
             )
-            for field in TRAINJOB_RUNTIME_FIELDS
+            for field in TRAINJOB_UNSUPPORTED_RUN_POLICY
         ),
     )
 
@@ -776,7 +777,7 @@ class ChatFlowRunSpec(_Spec):
                 "scheduling.priorityClassName",
                 "not supported with backend trainjob: set it in the ClusterTrainingRuntime",
             )
-        for field in TRAINJOB_RUNTIME_FIELDS:
+        for field in TRAINJOB_UNSUPPORTED_RUN_POLICY:
             if getattr(self.run_policy, to_snake(field)) is not None:
                 raise FieldError(
                     f"runPolicy.{field}",
@@ -858,8 +859,8 @@ class ChatFlowRunStatus(_Spec):
     )
     job_name: str | None = Field(
         None,
-        description="the PyTorchJob running this spec (with storage, `<jobName>-prep` is the "
-        "Job that prepares its data first)",
+        description="the job (PyTorchJob or TrainJob) running this spec (with a PyTorchJob and "
+        "storage, `<jobName>-prep` is the Job that prepares its data first)",
     )
     restarts: int = Field(0, ge=0, description="jobs replaced after restart-worthy spec changes")
     start_time: Timestamp | None = None

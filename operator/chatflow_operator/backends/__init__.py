@@ -27,6 +27,7 @@ class JobState:
     # The job's own preparation step is current (only backends that `prepares_data`): a Failed
     # phase is then a failed preparation.
     preparing: bool = False
+    prepared: bool = False  # and that step has succeeded
 
 
 class JobBackend(Protocol):

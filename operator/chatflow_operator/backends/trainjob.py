@@ -10,7 +10,7 @@ TrainJob's own labels reach neither the JobSet nor its pods.
 
 In place it takes `suspend` (the Trainer re-renders a suspended JobSet; Kueue admits by
 unsuspending) and `runPolicy.activeDeadlineSeconds`; restarts and clean-up are the runtime's
-JobSet's (the spec refuses backoffLimit and ttlSecondsAfterFinished with this backend).
+Jobs' (the spec refuses backoffLimit and ttlSecondsAfterFinished with this backend).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from chatflow.spec import DEFAULT_IMAGE, ChatFlowRun, Condition, Preparation, TrainingSpec
-from chatflow_operator import render
+from chatflow_operator import render, status
 from chatflow_operator.backends import JobState
 from chatflow_operator.kube import Resource
 
@@ -39,8 +39,8 @@ ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
 # A failed job is retried this many times (pods that exit 143 or are evicted are not counted).
 BACKOFF_LIMIT = 3
 
-# The TrainJob's condition types as run phases, the first True one winning.
-PHASES = {"Failed": "Failed", "Complete": "Succeeded", "Suspended": "Suspended"}
+# The TrainJob's condition types as run phases, the first True one winning: a batch Job's.
+PHASES = status.BATCH_PHASES
 
 
 def _pod_patch(
@@ -67,6 +67,12 @@ def _initializer_volume(item: dict[str, Any]) -> dict[str, Any]:
     return item | {"name": INITIALIZER_VOLUME} if item["name"] == render.DATA_VOLUME else item
 
 
+def _unique(env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One variable of each name, the last one given (a pod takes the last too, but a TrainJob's
+    env lists are keyed by name, so the API server refuses a second)."""
+    return list({variable["name"]: variable for variable in env}.values())
+
+
 def _initializer_env(run: ChatFlowRun) -> list[dict[str, Any]]:
     """Where `chatflow prepare` (the runtime's command for every run) finds this run's paths."""
     output, cache = render.paths(run)
@@ -87,7 +93,7 @@ def render_job(run: dict[str, Any]) -> dict[str, Any]:
         "image": container["image"],
         "command": container["command"],
         "args": container["args"],
-        "env": container["env"],
+        "env": _unique(container["env"]),
         "numNodes": typed.spec.nodes,
         "numProcPerNode": typed.spec.gpus_per_node or 1,
     }
@@ -96,16 +102,15 @@ def render_job(run: dict[str, Any]) -> dict[str, Any]:
     # Like the PyTorchJob's preparation Job: CPU only, so not the GPU nodes' selector/affinity.
     # Trainer's webhook wants the initializer's volume named `initializer`: the run's volume.
     initializer_pod = {
+        **pod,
         "volumes": [_initializer_volume(v) for v in render.volumes(typed, render.job_name(run))],
-        "securityContext": pod["securityContext"],
-        **({"tolerations": pod["tolerations"]} if "tolerations" in pod else {}),
     }
     initializer = {"volumeMounts": [_initializer_volume(m) for m in render.mounts(typed)]}
     node_fields = ("volumes", "securityContext", "nodeSelector", "affinity", "tolerations",
                    "terminationGracePeriodSeconds")  # fmt: skip
     replicated_jobs = [
         _pod_patch(typed, INITIALIZER, "preparation", initializer_pod, initializer,
-                   tuple(initializer_pod)),
+                   ("volumes", "securityContext", "tolerations")),
         _pod_patch(typed, NODE, "trainer", pod, container, node_fields),
     ]  # fmt: skip
     spec: dict[str, Any] = {
@@ -115,7 +120,7 @@ def render_job(run: dict[str, Any]) -> dict[str, Any]:
             "kind": "ClusterTrainingRuntime",
         },
         "suspend": bool(run["spec"].get("suspend", False)),
-        "initializer": {"dataset": {"env": _initializer_env(typed)}},
+        "initializer": {"dataset": {"env": _unique(_initializer_env(typed))}},
         "trainer": trainer,
         "runtimePatches": [
             {
@@ -143,22 +148,25 @@ def in_place_patch(run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] |
     if bool(have.get("suspend", False)) != suspend:
         changed["suspend"] = suspend
     if have.get("activeDeadlineSeconds") != deadline:
-        changed["activeDeadlineSeconds"] = deadline  # None deletes it
+        # The CRD refuses to change a deadline but not to remove or add one: a new value is set
+        # by the pass after the one that removed the old (the removal's watch event starts it).
+        changed["activeDeadlineSeconds"] = None if have.get("activeDeadlineSeconds") else deadline
     return {"spec": changed} if changed else None
 
 
 def state(job: dict[str, Any] | None, generation: int) -> JobState:
     if job is None:
         return JobState("Pending")
-    status = job.get("status") or {}
-    conditions = status.get("conditions") or []
+    observed = job.get("status") or {}
+    conditions = observed.get("conditions") or []
     true = {c.get("type"): c for c in conditions if c.get("status") == "True"}
-    counts = {j.get("name"): j for j in status.get("jobsStatus") or []}
+    counts = {j.get("name"): j for j in observed.get("jobsStatus") or []}
     node, initializer = counts.get(NODE, {}), counts.get(INITIALIZER, {})
     # The nodes start once the initializer's job is complete: until then, the data is prepared.
     preparing = not (node.get("active") or node.get("succeeded") or node.get("failed")) and bool(
         initializer.get("active") or initializer.get("failed")
     )
+    prepared = bool(initializer.get("succeeded"))
     phase = next((phase for type, phase in PHASES.items() if type in true), None)
     if phase is None:
         # No condition while it runs: the jobs' pod counts say which step is running.
@@ -179,6 +187,7 @@ def state(job: dict[str, Any] | None, generation: int) -> JobState:
         ],
         completion_time=complete.get("lastTransitionTime") if complete else None,
         preparing=preparing,
+        prepared=prepared,
     )
 
 
@@ -199,7 +208,9 @@ def preparation_pods(job_name: str) -> str:
     return _selector(job_name, INITIALIZER)
 
 
-def runtime(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+def runtime(
+    image: str = DEFAULT_IMAGE, preparation_resources: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ClusterTrainingRuntime `chatflow` that every TrainJob of this backend runs on, its
     preparation running `image` (a TrainJob can set the trainer's image, not the initializer's).
 
@@ -208,27 +219,23 @@ def runtime(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     stopped by SIGTERM, having saved a checkpoint, is replaced by a pod that resumes from it. A
     deleted pod of one node makes every other node stop at the same step, so all restart.
     """
-    preparation = Preparation()
-    workers = preparation.workers
+    workers = Preparation().workers
     memory = f"{workers * render.PREPARATION_MEMORY_PER_WORKER}Gi"
+    default = {"cpu": workers, "memory": memory}
+    # The PodMonitors' port (a run's own metricsPort is not declared, but still read by the
+    # operator by pod IP).
+    ports = [
+        {"name": "metrics", "containerPort": TrainingSpec.model_fields["metrics_port"].default}
+    ]
     initializer_container = {
         "name": INITIALIZER,
         "image": image,
         "command": ["chatflow", "prepare"],
         "args": ["-f", f"{render.CONFIG_DIR}/{render.CONFIG_FILE}"],
-        "resources": {
-            "requests": {"cpu": workers, "memory": memory},
-            "limits": {"cpu": workers, "memory": memory},
-        },
+        "ports": ports,
+        "resources": preparation_resources or {"requests": default, "limits": dict(default)},
     }
-    metrics_port = TrainingSpec.model_fields["metrics_port"].default
-    node_container = {
-        "name": NODE,
-        "image": image,
-        # The PodMonitor's port (a run's own metricsPort is not declared, but still read by
-        # the operator by pod IP).
-        "ports": [{"name": "metrics", "containerPort": metrics_port}],
-    }
+    node_container = {"name": NODE, "image": image, "ports": ports}
 
     def replicated_job(name: str, step: str, container: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -238,7 +245,15 @@ def runtime(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
                 "spec": {
                     "backoffLimit": BACKOFF_LIMIT,
                     "podFailurePolicy": render.pod_failure_policy(name),
-                    "template": {"spec": {"restartPolicy": "Never", "containers": [container]}},
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            # Neither program calls the Kubernetes API (a TrainJob cannot patch
+                            # this; Trainer's status server has a token of its own).
+                            "automountServiceAccountToken": False,
+                            "containers": [container],
+                        }
+                    },
                 },
             },
         }
@@ -251,6 +266,8 @@ def runtime(image: str = DEFAULT_IMAGE) -> dict[str, Any]:
         "metadata": {
             "name": RUNTIME,
             "labels": {"trainer.kubeflow.org/framework": "torch"},
+            # Deleting it (`helm uninstall`) would break the TrainJobs that run on it.
+            "annotations": {"helm.sh/resource-policy": "keep"},
         },
         "spec": {
             "mlPolicy": {"numNodes": 1, "torch": {}},  # processes per node: the TrainJob's
@@ -287,10 +304,7 @@ HELM_HEADER = f"""\
 def runtime_helm_template() -> str:
     """The runtime as the chart's template (templates/clustertrainingruntime.yaml): its image
     and the preparation's resources from the chart's values, and the chart's labels."""
-    document = runtime(_HELM_IMAGE)
-    document["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"][
-        "spec"
-    ]["containers"][0]["resources"] = _HELM_RESOURCES
+    document = runtime(_HELM_IMAGE, _HELM_RESOURCES)
     text = yaml.safe_dump(document, sort_keys=False, width=100)
     repository = DEFAULT_IMAGE.rsplit(":", 1)[0]
     image = f'(printf "{repository}:%s" .Chart.AppVersion)'
