@@ -30,6 +30,21 @@ class JobState:
     prepared: bool = False  # and that step has succeeded
 
 
+def mirrored(conditions: list[dict[str, Any]], generation: int) -> list[Condition]:
+    """A job's conditions as the run's, carrying the run's `generation`."""
+    return [
+        Condition(
+            type=c["type"],
+            status=c.get("status", "Unknown"),
+            reason=c.get("reason"),
+            message=c.get("message"),
+            last_transition_time=c.get("lastTransitionTime"),
+            observed_generation=generation,
+        )
+        for c in conditions
+    ]
+
+
 class JobBackend(Protocol):
     """One training controller's job kind."""
 

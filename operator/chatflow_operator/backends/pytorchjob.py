@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatflow.spec import ChatFlowRun, Condition, RunPolicy
+from chatflow.spec import ChatFlowRun, RunPolicy
 from chatflow_operator import render
-from chatflow_operator.backends import JobState
+from chatflow_operator.backends import JobState, mirrored
 from chatflow_operator.kube import Resource
 
 kind = "PyTorchJob"
@@ -91,17 +91,7 @@ def state(job: dict[str, Any] | None, generation: int) -> JobState:
     status = job.get("status") or {}
     return JobState(
         phase=PHASES[current["type"]] if current else "Pending",
-        conditions=[
-            Condition(
-                type=c["type"],
-                status=c.get("status", "Unknown"),
-                reason=c.get("reason"),
-                message=c.get("message"),
-                last_transition_time=c.get("lastTransitionTime"),
-                observed_generation=generation,
-            )
-            for c in status.get("conditions") or []
-        ],
+        conditions=mirrored(status.get("conditions") or [], generation),
         start_time=status.get("startTime"),
         completion_time=status.get("completionTime"),
     )

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from chatflow.spec import DEFAULT_IMAGE, ChatFlowRun, Condition, Preparation, TrainingSpec
+from chatflow.spec import DEFAULT_IMAGE, ChatFlowRun, Preparation, TrainingSpec
 from chatflow_operator import render, status
-from chatflow_operator.backends import JobState
+from chatflow_operator.backends import JobState, mirrored
 from chatflow_operator.kube import Resource
 
 kind = "TrainJob"
@@ -174,17 +174,7 @@ def state(job: dict[str, Any] | None, generation: int) -> JobState:
     complete = true.get("Complete")
     return JobState(
         phase=phase,
-        conditions=[
-            Condition(
-                type=c["type"],
-                status=c.get("status", "Unknown"),
-                reason=c.get("reason"),
-                message=c.get("message"),
-                last_transition_time=c.get("lastTransitionTime"),
-                observed_generation=generation,
-            )
-            for c in conditions
-        ],
+        conditions=mirrored(conditions, generation),
         completion_time=complete.get("lastTransitionTime") if complete else None,
         preparing=preparing,
         prepared=prepared,
