@@ -25,6 +25,7 @@ from chatflow_operator.kube import BATCH_JOBS, CONFIG_MAPS, RUNS, ApiError, Kube
 from chatflow_operator.reconcile import ChildConflict, JobRefused, Reconciler
 
 BACKENDS = backends()
+JOB_KINDS = [backend.resource for backend in BACKENDS.values()]
 CHILD = {render.RUN_LABEL: kopf.PRESENT}
 # Handlers are synchronous (blocking HTTP) and run in a pool of this many threads.
 WORKERS = 32
@@ -63,8 +64,7 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
         # 200 runs created at once should not queue behind a handful of threads.
         settings.execution.max_workers = WORKERS
         # Only our children: the API server filters the watch streams, not this process.
-        job_kinds = [backend.resource for backend in BACKENDS.values()]
-        for resource in (*job_kinds, BATCH_JOBS, CONFIG_MAPS):
+        for resource in (*JOB_KINDS, BATCH_JOBS, CONFIG_MAPS):
             settings.watching.label_selectors[resource.watched] = render.RUN_LABEL
         memo.reconciler = Reconciler(Kube(connections=WORKERS), post_event, BACKENDS)
 
@@ -100,7 +100,7 @@ def registry(progress_seconds: float) -> kopf.OperatorRegistry:
                 memo.reconciler.reconcile_child(dict(body))
 
     # A kind whose CRD the cluster lacks is not watched (kopf warns) until the CRD appears.
-    for resource in (*[backend.resource for backend in BACKENDS.values()], BATCH_JOBS):
+    for resource in (*JOB_KINDS, BATCH_JOBS):
         kopf.on.event(*resource.watched, labels=CHILD, registry=registry)(job_changed)
 
     # ConfigMaps are immutable: only their deletion matters.

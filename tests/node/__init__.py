@@ -24,10 +24,10 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,23 +121,6 @@ def build_images() -> dict[str, str]:
 def _tool(script: str) -> Path:
     """A binary that tests/tools/<script> builds (cached), by the path it prints last."""
     return tool_output(script)[-1]
-
-
-def _build_tools(scripts: tuple[str, ...]) -> dict[str, Path]:
-    """The binaries of tests/tools/<scripts>, built side by side (minutes each the first time,
-    then cached); {script: binary}."""
-    tools = HERE.parent / "tools"
-    builds = {
-        script: subprocess.Popen([tools / script], stdout=subprocess.PIPE, text=True)
-        for script in scripts
-    }
-    built = {}
-    for script, build in builds.items():
-        out, _ = build.communicate()
-        if build.returncode:
-            raise CommandError(build.returncode, [str(tools / script)], out, "")
-        built[script] = Path(out.splitlines()[-1])
-    return built
 
 
 def _serving_certificate(directory: Path) -> str:
@@ -326,9 +309,6 @@ class Node:
         self._host: HostChanges | None = None
         self.tools: dict[str, Path] = {}  # {tests/tools script: the binary it built}
 
-    def _build_tools(self) -> None:
-        self.tools = _build_tools(TOOLS)
-
     def __enter__(self) -> Node:
         return self.start()
 
@@ -341,15 +321,11 @@ class Node:
 
     def start(self) -> Node:
         install_packages()
-        # The Go builds of the controllers (cold: minutes) beside the image builds.
-        builds = threading.Thread(target=self._build_tools)
-        builds.start()
-        try:
+        # The Go builds of the controllers (cold: minutes each) beside the image builds.
+        with ThreadPoolExecutor(len(TOOLS)) as pool:
+            builds = {script: pool.submit(_tool, script) for script in TOOLS}
             self.images = build_images()
-        finally:
-            builds.join()
-        if len(self.tools) < len(TOOLS):
-            raise RuntimeError("building the node's controllers failed (see above)")
+            self.tools = {script: build.result() for script, build in builds.items()}
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(RUN_DIR / "lock", os.O_CREAT | os.O_RDWR)
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # another session's node: wait for its end
